@@ -1,0 +1,24 @@
+"""Pass configs: small frozen pydantic models. Unknown keys are rejected; every field carries a
+description (it feeds `compress passes` and the docs) and, where numeric, a range."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Form = Literal["torch", "onnx"]
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config. Subclasses set `pass_name`, the dotted registry name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    pass_name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Recipe form: `{"pass": name, **params}` with only JSON/YAML-friendly values."""
+        return {"pass": self.pass_name, **self.model_dump(mode="json")}
+
+    def describe(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.model_dump(mode="json").items())
+        return f"{self.pass_name}:{params}" if params else self.pass_name

@@ -1,0 +1,108 @@
+"""Measuring a stage: fidelity against the teacher on held-out text, and task metrics.
+
+Fidelity: encoder -> mean cosine of sentence embeddings; classifier / causal-lm -> mean KL(teacher ||
+student) of the output distributions and top-1 agreement (over real, unpadded tokens for an LM).
+Task metrics for encoders (real labelled data from gensim's test set):
+  lee50: Spearman between embedding cosine and human similarity over the 1225 pairs of the 50
+         Lee documents (all-MiniLM-L6-v2 scores 0.505 here, DATA.md);
+  polarity: 5-fold logistic-regression probe accuracy on the 200 Pang-Lee sentences (0.730)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable
+
+import numpy as np
+
+from compress.data import gensim_file
+from compress.runtime import batches
+
+TASK_MAX_LENGTH = 256  # the sentence-transformers max_seq_length of all-MiniLM-L6-v2
+
+
+def outputs(run: Callable, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 16) -> list[np.ndarray]:
+    return [run(feed) for feed in batches(tokenizer, texts, max_length, batch_size)]
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def compare(kind: str, student: np.ndarray, teacher: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """Fidelity of one batch; means are over samples (encoder/classifier) or real tokens (LM)."""
+    if kind == "encoder":
+        s = student / np.linalg.norm(student, axis=-1, keepdims=True)
+        t = teacher / np.linalg.norm(teacher, axis=-1, keepdims=True)
+        cos = (s * t).sum(-1)
+        return {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+    ls, lt = _log_softmax(student.astype(np.float64)), _log_softmax(teacher.astype(np.float64))
+    kl = (np.exp(lt) * (lt - ls)).sum(-1)
+    top1 = (student.argmax(-1) == teacher.argmax(-1)).astype(np.float64)
+    if kind == "causal-lm" and mask is not None:
+        keep = mask.astype(bool)
+        kl, top1 = kl[keep], top1[keep]
+    return {"kl": float(kl.mean()), "top1": float(top1.mean())}
+
+
+def fidelity(kind: str, student: Callable, teacher: Callable | list[np.ndarray], tokenizer: Any,
+             texts: list[str], max_length: int, batch_size: int = 16) -> dict[str, float]:
+    """`teacher` is a runner or its cached outputs (same texts, same batching)."""
+    rows, weights = [], []
+    for i, feed in enumerate(batches(tokenizer, texts, max_length, batch_size)):
+        t_out = teacher[i] if isinstance(teacher, list) else teacher(feed)
+        rows.append(compare(kind, student(feed), t_out, feed["attention_mask"]))
+        weights.append(feed["attention_mask"].sum() if kind == "causal-lm" else len(feed["input_ids"]))
+    w = np.asarray(weights, dtype=np.float64)
+    result = {k: float(np.average([r[k] for r in rows], weights=w)) for k in rows[0] if k != "cosine_min"}
+    if "cosine_min" in rows[0]:
+        result["cosine_min"] = float(min(r["cosine_min"] for r in rows))
+    return result
+
+
+@lru_cache(maxsize=1)
+def lee50_data() -> tuple[list[str], np.ndarray]:
+    docs = [d.strip() for d in gensim_file("lee.cor").read_text(encoding="latin-1").splitlines() if d.strip()]
+    sims = np.loadtxt(gensim_file("similarities0-1.txt"))
+    return docs, sims
+
+
+@lru_cache(maxsize=1)
+def polarity_data() -> tuple[list[str], np.ndarray]:
+    texts, labels = [], []
+    for line in gensim_file("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines():
+        label, _, text = line.strip().partition(" ")
+        if text:
+            texts.append(text)
+            labels.append(1 if label == "__label__pos" else 0)
+    return texts, np.asarray(labels)
+
+
+def embed(run: Callable, tokenizer: Any, texts: list[str]) -> np.ndarray:
+    return np.concatenate(outputs(run, tokenizer, texts, TASK_MAX_LENGTH))
+
+
+def lee50(run: Callable, tokenizer: Any) -> float:
+    from scipy.stats import spearmanr
+
+    docs, sims = lee50_data()
+    emb = embed(run, tokenizer, docs)
+    cos = emb @ emb.T
+    iu = np.triu_indices(len(docs), k=1)
+    return float(spearmanr(cos[iu], sims[iu]).statistic)
+
+
+def polarity(run: Callable, tokenizer: Any) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    texts, labels = polarity_data()
+    emb = embed(run, tokenizer, texts)
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    return float(cross_val_score(LogisticRegression(max_iter=2000), emb, labels, cv=folds).mean())
+
+
+def task_metrics(kind: str, run: Callable, tokenizer: Any) -> dict[str, float]:
+    if kind != "encoder" or tokenizer is None:
+        return {}
+    return {"lee50": lee50(run, tokenizer), "polarity": polarity(run, tokenizer)}
+

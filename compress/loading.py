@@ -1,0 +1,64 @@
+"""From what the user named to a `ModelState`: cheap description first (for validation before any
+work), then the real load."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress import models, runtime
+from compress.config import Form
+from compress.errors import ModelLoadError
+from compress.state import ModelState
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about the input, read without loading weights."""
+
+    form: Form
+    kind: str
+    architecture: str
+    path: Path | None
+
+
+def describe(spec: Any) -> ModelInfo:
+    if _is_module(spec):
+        cfg = getattr(spec, "config", None)
+        arch = type(spec).__name__
+        return ModelInfo("torch", models.kind_of(cfg) if cfg is not None else "encoder", arch, None)
+    path = models.resolve(spec)
+    if path.is_file():
+        if path.suffix not in models.ONNX_SUFFIXES:
+            raise ModelLoadError(f"'{path}' is a file of an unsupported type; give an .onnx / .ort file or a transformers folder")
+        models.check_onnx(path)
+        form: Form = "ort" if path.suffix == ".ort" else "onnx"
+        return ModelInfo(form, models.onnx_kind(path), "", path)
+    cfg = models.read_hf_config(path)
+    archs = getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "")]
+    return ModelInfo("torch", models.kind_of(cfg), archs[0], path)
+
+
+def _is_module(obj: Any) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, torch.nn.Module)
+
+
+def load(spec: Any, info: ModelInfo, data: Any, tokenizer: Any = None, trust_remote_code: bool = False) -> ModelState:
+    """The input becomes the teacher, untouched; the state's model is a copy passes may change."""
+    source = type(spec).__name__ if _is_module(spec) else str(spec if spec is not None else models.DEFAULT_MODEL)
+    if info.form != "torch":
+        tok = tokenizer or models.find_tokenizer(info.path)
+        return ModelState(source=source, kind=info.kind, form=info.form, path=info.path, tokenizer=tok,
+                          teacher=info.path, data=data, architecture=info.architecture)
+    if _is_module(spec):
+        teacher, tok, pooling = spec.eval(), tokenizer, "mean"
+    else:
+        teacher, tok, _ = models.load_hf(info.path, trust_remote_code)
+        tok, pooling = tokenizer or tok, runtime.pooling_of(info.path)
+    return ModelState(source=source, kind=info.kind, form="torch", model=copy.deepcopy(teacher), tokenizer=tok,
+                      teacher=teacher, data=data, architecture=info.architecture, meta={"pooling": pooling})

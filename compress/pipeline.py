@@ -1,0 +1,183 @@
+"""The pipeline: validate the whole pass list, then run passes in order, measuring after each.
+
+Every stage (the input, then one per pass) is measured the same way and recorded. Each pass's
+output is cached under `<outdir's parent>/.<outdir name>.partial/stages/NN-name/`, keyed by a hash
+of (input, data, every config so far), so `resume=True` picks up after the last finished pass.
+Results appear in OUTDIR only at the end, by an atomic rename."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+
+from compress import data as data_mod
+from compress import loading, recipe, registry, report, stages
+from compress.config import PassConfig
+from compress.errors import ConfigError, OutputExistsError, PassFailed, UserError
+from compress.measure import Reference, measure
+from compress.profiling import LatencySettings
+from compress.state import ModelState
+
+
+@dataclass
+class PassContext:
+    """What a pass gets besides the state and its config."""
+
+    workdir: Path  # the stage folder: write every output file here
+    index: int
+    max_length: int
+    latency: LatencySettings
+    console: Console
+    notes: dict = field(default_factory=dict)  # merged into this stage's report record
+
+
+@dataclass(frozen=True)
+class Result:
+    outdir: Path
+    report: dict
+    state: ModelState
+
+
+def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, has_data: bool) -> list[str]:
+    problems, form = [], info.form
+    for i, cfg in enumerate(configs):
+        spec = registry.spec_for(cfg)
+        if form not in spec.takes:
+            fix = " (torch passes must come before export.onnx)" if "torch" in spec.takes else ""
+            problems.append(f"passes[{i}] '{spec.name}' takes a {' or '.join(spec.takes)} model "
+                            f"but gets the {form} form here{fix}")
+        if spec.needs_data(cfg) and not has_data:
+            problems.append(f"passes[{i}] '{spec.name}' needs calibration data: give --data FILE or a built-in corpus")
+        problems.extend(f"passes[{i}] '{spec.name}': {p}" for p in spec.check(cfg, info))
+        form = spec.gives or form
+    return problems
+
+
+class Pipeline:
+    """An ordered list of pass configs. `Pipeline([ExportOnnx(), QuantInt8()]).run("minilm", outdir="out")`."""
+
+    def __init__(self, passes: Sequence[PassConfig | dict | str]):
+        self.configs: list[PassConfig] = recipe.parse_entries(list(passes))
+
+    @classmethod
+    def from_recipe(cls, path: str | Path) -> "Pipeline":
+        doc = recipe.read_recipe(path)
+        pipe = cls(doc["passes"])
+        pipe.model, pipe.data = doc["model"], doc["data"]
+        return pipe
+
+    model: Any = None  # defaults a recipe may carry
+    data: Any = None
+
+    def validate(self, model: Any = None, has_data: bool = True) -> loading.ModelInfo:
+        """Check everything that can be checked before work starts; raise one ConfigError."""
+        info = loading.describe(model if model is not None else self.model)
+        problems = _problems_for_chain(self.configs, info, has_data)
+        if problems:
+            raise ConfigError(problems)
+        return info
+
+    def latency_settings(self) -> LatencySettings:
+        for cfg in self.configs:
+            if hasattr(cfg, "latency_settings"):
+                return cfg.latency_settings()
+        return LatencySettings()
+
+    def run(self, model: Any = None, data: Any = None, outdir: str | Path = "compressed", *, overwrite: bool = False,
+            resume: bool = False, max_length: int = 128, latency: LatencySettings | None = None, tasks: bool = True,
+            tokenizer: Any = None, trust_remote_code: bool = False, console: Console | None = None) -> Result:
+        console = console or Console(stderr=True)
+        outdir = Path(outdir)
+        if outdir.exists() and not overwrite:
+            raise OutputExistsError(f"output directory '{outdir}' already exists: choose another -o, or pass --overwrite")
+        model = model if model is not None else self.model
+        info = self.validate(model)
+        text = data_mod.load(data if data is not None else self.data)
+        settings = latency or self.latency_settings()
+        work = outdir.parent / f".{outdir.name}.partial"
+        if work.exists() and not resume:
+            shutil.rmtree(work)
+        (work / "stages").mkdir(parents=True, exist_ok=True)
+        with console.status(f"loading {model if model is not None else 'minilm'}"):
+            state = loading.load(model, info, text, tokenizer, trust_remote_code)
+        key = _hash({"input": stages.identity(model, info), "data": text.summary(), "max_length": max_length,
+                     "latency": settings.as_dict(), "tasks": tasks})
+        state = self._run_stages(state, key, work, settings, max_length, tasks, console)
+        rep = self._finish(state, work, settings)
+        stages.publish(work, outdir, overwrite)
+        console.print(report.summary_table(rep))
+        console.print(f"[green]done[/green]: {outdir}/ ({rep['final']['path']}, report.md, report.json, report.png)")
+        return Result(outdir, rep, state)
+
+    def _run_stages(self, state: ModelState, key: str, work: Path, settings: LatencySettings, max_length: int,
+                    tasks: bool, console: Console) -> ModelState:
+        ref = None
+        n = len(self.configs)
+        for index, cfg in enumerate([None, *self.configs]):
+            name = "input" if cfg is None else cfg.pass_name
+            key = key if cfg is None else _hash({"prev": key, "config": cfg.to_dict()})
+            sdir = work / "stages" / f"{index:02d}-{name}"
+            cached = stages.load_cached(sdir, key, state)
+            if cached is not None:
+                state = cached
+                console.print(f"[dim][{index}/{n}] {name}: cached, resumed[/dim]")
+                continue
+            shutil.rmtree(sdir, ignore_errors=True)
+            sdir.mkdir(parents=True)
+            ctx = PassContext(sdir, index, max_length, settings, console)
+            t0 = time.perf_counter()
+            if cfg is not None:
+                console.print(f"[bold][{index}/{n}] {cfg.describe()}[/bold]")
+                state = _run_one(state, cfg, ctx)
+            seconds = time.perf_counter() - t0
+            ref = ref or Reference.build(state, max_length)
+            with console.status(f"measuring stage {index} ({name})"):
+                rec = _measure_or_inherit(state, cfg, ref, max_length, settings, tasks)
+            rec = {"index": index, "name": name, "config": cfg.to_dict() if cfg else None, **rec,
+                   "seconds": round(seconds, 3), **ctx.notes}
+            state = stages.save(state.with_record(rec), sdir, key)
+            console.print("    " + stages.one_line(rec))
+        return state
+
+    def _finish(self, state: ModelState, work: Path, settings: LatencySettings) -> dict:
+        final = stages.write_final(state, work)
+        (work / "recipe.yaml").write_text(recipe.dump_recipe(self.configs, model=state.source,
+                                                             data=state.data.source if state.data else None))
+        rep = {"model": state.source, "kind": state.kind, "architecture": state.architecture,
+               "data": state.data.summary() if state.data else None,
+               "settings": {"latency": settings.as_dict()}, "stages": list(state.history),
+               "final": {"path": final, "form": state.form}}
+        report.write_all(rep, work)
+        return rep
+
+
+def _run_one(state: ModelState, cfg: PassConfig, ctx: PassContext) -> ModelState:
+    spec = registry.spec_for(cfg)
+    try:
+        out = spec.run(state, cfg, ctx)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - report which pass failed and why
+        raise PassFailed(ctx.index, cfg.pass_name, exc) from exc
+    if not isinstance(out, ModelState):
+        raise PassFailed(ctx.index, cfg.pass_name, TypeError(f"returned {type(out).__name__}, not ModelState"))
+    return out
+
+
+def _measure_or_inherit(state: ModelState, cfg: PassConfig | None, ref: Reference, max_length: int,
+                        settings: LatencySettings, tasks: bool) -> dict:
+    """A pass that leaves the model as it is (profile) inherits the previous measurements."""
+    if cfg is not None and not registry.spec_for(cfg).changes_model and state.history:
+        prev = state.history[-1]
+        return {k: prev[k] for k in ("form", "params", "bytes", "fidelity", "metrics", "latency_ms") if k in prev}
+    return measure(state, ref, max_length, settings, tasks)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

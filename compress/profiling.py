@@ -1,0 +1,148 @@
+"""Latency measurement, the same for every stage so the report can compare them.
+
+Inputs are real text (held-out samples) tokenized and padded/truncated to exactly `seq` tokens,
+`batch` rows. Threads are pinned (torch.set_num_threads / ORT intra_op_num_threads). After
+`warmup` runs, `runs` timed runs give p50/p90/p99. `profile_file` adds throughput, peak memory (in a
+fresh process, so the number is the model's own) and the top ops from ORT's profiler."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from compress.runtime import OnnxRunner, session, tokenize
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    batch: int = 1
+    seq: int = 128
+    threads: int = 2
+    warmup: int = 10
+    runs: int = 50
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def real_feed(tokenizer: Any, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:
+    """`batch` real samples, each filled to `seq` tokens (texts are repeated when too short)."""
+    if tokenizer is None:
+        ids = np.random.default_rng(0).integers(1000, 2000, size=(batch, seq), dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    rows = []
+    for i in range(batch):
+        text = texts[i % len(texts)]
+        rows.append(" ".join([text] * 8))  # long enough to truncate at seq
+    return tokenize(tokenizer, rows, seq, pad_to_max=True)
+
+
+def percentiles(times_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(times_s) * 1000.0
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())}
+
+
+def time_call(fn: Callable[[], Any], settings: LatencySettings) -> dict[str, float]:
+    for _ in range(settings.warmup):
+        fn()
+    times = []
+    for _ in range(settings.runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return percentiles(times)
+
+
+def time_torch(model: Any, feed: dict[str, np.ndarray], settings: LatencySettings) -> dict[str, float]:
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    ids, mask = torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"])
+    kwargs = {"use_cache": False} if getattr(model.config, "is_decoder", False) or "CausalLM" in type(model).__name__ else {}
+    try:
+        with torch.inference_mode():
+            return time_call(lambda: model(input_ids=ids, attention_mask=mask, **kwargs), settings)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def time_onnx(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings) -> dict[str, float]:
+    run = OnnxRunner(path, kind, threads=settings.threads)
+    sess, inputs = run.sess, run.feed(feed)
+    return time_call(lambda: sess.run(None, inputs), settings)
+
+
+def top_ops(path: Path, feed_inputs: dict[str, np.ndarray], settings: LatencySettings, workdir: Path, n: int = 10) -> list[dict]:
+    """Aggregate ORT profiler node events by op type: total ms per run and share of node time."""
+    sess = session(path, settings.threads, profile_prefix=str(workdir / "ort_profile"))
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in feed_inputs.items() if k in names}
+    runs = max(5, settings.runs // 5)
+    for _ in range(runs):
+        sess.run(None, feed)
+    trace = Path(sess.end_profiling())
+    per_op: dict[str, float] = defaultdict(float)
+    for ev in json.loads(trace.read_text()):
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            per_op[ev.get("args", {}).get("op_name", "?")] += ev.get("dur", 0) / 1000.0
+    trace.unlink(missing_ok=True)
+    total = sum(per_op.values()) or 1.0
+    rows = sorted(per_op.items(), key=lambda kv: -kv[1])[:n]
+    return [{"op": op, "ms": ms / runs, "share": ms / total} for op, ms in rows]
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys, numpy as np, onnxruntime as ort
+path, threads, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+feed = dict(np.load(sys.argv[4]))
+so = ort.SessionOptions(); so.intra_op_num_threads = threads
+s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(runs):
+    s.run(None, {i.name: feed[i.name] for i in s.get_inputs()})
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def peak_memory_mb(path: Path, feed_inputs: dict[str, np.ndarray], settings: LatencySettings, workdir: Path) -> float:
+    """Peak resident memory of a fresh process that loads the model and runs it a few times."""
+    npz = workdir / "profile_feed.npz"
+    np.savez(npz, **feed_inputs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads)}
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), str(settings.threads), "5", str(npz)],
+                         capture_output=True, text=True, timeout=600, env=env, check=True)
+    npz.unlink(missing_ok=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes on disk of a model file or folder, external-data files included."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    extra = [p for p in path.parent.glob(path.name + "*.data")] + [p for p in path.parent.glob(path.stem + ".onnx_data")]
+    return path.stat().st_size + sum(p.stat().st_size for p in set(extra) if p != path)
+
+
+def profile_file(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings, workdir: Path) -> dict:
+    run = OnnxRunner(path, kind, threads=settings.threads)
+    inputs = run.feed(feed)
+    latency = time_call(lambda: run.sess.run(None, inputs), settings)
+    return {
+        "settings": settings.as_dict(),
+        "latency_ms": latency,
+        "throughput_per_s": settings.batch * 1000.0 / latency["p50"],
+        "peak_rss_mb": peak_memory_mb(path, inputs, settings, workdir),
+        "bytes": file_bytes(path),
+        "top_ops": top_ops(path, inputs, settings, workdir),
+    }

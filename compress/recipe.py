@@ -1,0 +1,119 @@
+"""One loader for the three front doors: Python configs, YAML recipes and CLI `--pass` strings all
+become a list of validated pass configs here, with every problem collected and reported at once.
+No dotted-path instantiation: a pass name can only resolve through the registry."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from compress import registry
+from compress.config import PassConfig
+from compress.errors import ConfigError, UserError
+
+RECIPE_KEYS = {"model", "data", "passes"}
+
+
+def _pydantic_problems(where: str, exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(config)"
+        if err["type"] == "extra_forbidden":
+            out.append(f"{where}.{loc} is not a parameter of this pass (run `compress passes` to list them)")
+        else:
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            out.append(f"{where}.{loc}: {err['msg']}{got}")
+    return out
+
+
+def parse_entries(entries: list[Any], source: str = "pipeline") -> list[PassConfig]:
+    """Dicts `{pass: name, **params}` or configs -> configs; raises ConfigError with all problems."""
+    configs: list[PassConfig] = []
+    problems: list[str] = []
+    for i, entry in enumerate(entries):
+        where = f"passes[{i}]"
+        if isinstance(entry, PassConfig):
+            configs.append(entry)
+            continue
+        if isinstance(entry, str):
+            entry = {"pass": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("pass"), str):
+            problems.append(f"{where} must be a mapping with a 'pass' name, like {{pass: quant.int8}} (got {entry!r})")
+            continue
+        name = entry["pass"]
+        params = {k: v for k, v in entry.items() if k != "pass"}
+        try:
+            spec = registry.get(name)
+        except UserError as exc:
+            problems.append(f"{where} {exc}")
+            continue
+        try:
+            configs.append(spec.config(**params))
+        except ValidationError as exc:
+            problems.extend(_pydantic_problems(f"{where} ({name})", exc))
+    if problems:
+        raise ConfigError(problems, source)
+    return configs
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split `a=1,b=[x,y],c=2` on commas outside brackets."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{" 
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    return parts
+
+
+def parse_cli_pass(text: str) -> dict:
+    """`quant.int8:mode=static,per_channel=true` -> {"pass": "quant.int8", "mode": "static", ...}."""
+    name, _, rest = text.partition(":")
+    entry: dict[str, Any] = {"pass": name.strip()}
+    for item in _split_top_level(rest):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError([f"--pass {text!r}: expected key=value after ':', got {item!r}"], "command line")
+        entry[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return entry
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A recipe file -> {"model": str|None, "data": str|None, "passes": [configs]}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if isinstance(doc, list):
+        doc = {"passes": doc}
+    if not isinstance(doc, dict) or not isinstance(doc.get("passes"), list):
+        raise ConfigError(["expected a mapping with a 'passes' list (or a bare list of passes)"], str(path))
+    unknown = sorted(set(doc) - RECIPE_KEYS)
+    if unknown:
+        raise ConfigError([f"unknown top-level key(s) {unknown}; allowed: {sorted(RECIPE_KEYS)}"], str(path))
+    return {"model": doc.get("model"), "data": doc.get("data"), "passes": parse_entries(doc["passes"], str(path))}
+
+
+def dump_recipe(configs: list[PassConfig], model: str | None = None, data: str | None = None) -> str:
+    doc: dict[str, Any] = {}
+    if model is not None:
+        doc["model"] = model
+    if data is not None:
+        doc["data"] = data
+    doc["passes"] = [c.to_dict() for c in configs]
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def default_recipe_path() -> Path:
+    return Path(__file__).parent / "recipes" / "default.yaml"

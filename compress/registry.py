@@ -1,0 +1,63 @@
+"""The one registry of passes: dotted name -> module that defines it, imported lazily.
+
+`compress/` never imports an algorithm module directly; it asks the registry, which imports the
+module only when the pass is used (so `compress passes` or a recipe check stays cheap, and heavy
+dependencies load only for the passes that need them)."""
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from compress.config import Form, PassConfig
+from compress.errors import UserError
+
+# name -> module. Adding a pass = writing its module and one line here.
+_MODULES: dict[str, str] = {
+    "export.onnx": "compress.exporters.onnx_export",
+    "optimize.ort": "compress.exporters.ort_optimize",
+    "export.ort": "compress.exporters.ort_mobile",
+    "quant.int8": "compress.passes.quant_int8",
+    "quant.int4": "compress.passes.quant_int4",
+    "profile": "compress.passes.profile",
+}
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """What the pipeline needs to know about a pass before and while running it."""
+
+    name: str
+    config: type[PassConfig]
+    run: Callable  # run(state, config, ctx) -> state
+    takes: tuple[Form, ...]  # forms the pass accepts
+    gives: Form | None  # form it produces; None = the form it was given
+    summary: str
+    needs_data: Callable[[PassConfig], bool] = lambda cfg: False
+    # check(config, model_info) -> problems found before any work starts (architecture support...)
+    check: Callable[[PassConfig, object], list[str]] = lambda cfg, info: []
+    changes_model: bool = True  # False: measurements of the previous stage carry over
+
+
+def names() -> list[str]:
+    return sorted(_MODULES)
+
+
+def suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, names(), n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else "run `compress passes` to list them"
+
+
+def get(name: str) -> PassSpec:
+    if name not in _MODULES:
+        raise UserError(f"unknown pass '{name}': {suggest(name)}")
+    module = importlib.import_module(_MODULES[name])
+    spec = getattr(module, "PASS")
+    if spec.name != name or spec.config.pass_name != name:
+        raise RuntimeError(f"registry entry '{name}' points at a module defining '{spec.name}'")
+    return spec
+
+
+def spec_for(config: PassConfig) -> PassSpec:
+    return get(config.pass_name)

@@ -1,0 +1,219 @@
+"""Human-readable views of a pipeline report: report.md, report.png and a rich terminal table.
+
+The report dict (see `write_all`) lists stage 0 (the input model) and then one stage per pass,
+each with params, bytes, fidelity to the input (`cosine` for encoders, `kl`/`top1` for
+classifiers and causal LMs), task metrics, latency percentiles and an optional `profile`.
+Any numeric field may be None (not measured): tables show "–" and plots skip the point.
+Sizes are decimal megabytes (bytes / 1e6)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+DASH = "–"
+FIDELITY_KEYS = ("cosine", "kl", "top1")
+LATENCY_KEYS = ("p50", "p90", "p99")
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    """Format a number with `spec`, "–" for None, str() for anything non-numeric."""
+    if value is None:
+        return DASH
+    return format(value, spec) if _is_num(value) else str(value)
+
+
+def _mb(nbytes: Any) -> float | None:
+    return nbytes / 1e6 if _is_num(nbytes) else None
+
+
+def _fidelity_keys(stages: list[dict]) -> list[str]:
+    """Fidelity keys present in any stage: cosine, kl, top1 first, then any others."""
+    seen = {k for s in stages for k in (s.get("fidelity") or {})}
+    return [k for k in FIDELITY_KEYS if k in seen] + sorted(seen - set(FIDELITY_KEYS))
+
+
+def _metric_keys(stages: list[dict]) -> list[str]:
+    """Metric names over all stages, in order of first appearance."""
+    keys: list[str] = []
+    for stage in stages:
+        keys += [k for k in (stage.get("metrics") or {}) if k not in keys]
+    return keys
+
+
+def _stage_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted rows of the stage table, shared by markdown and rich."""
+    stages = report.get("stages") or []
+    fid_keys, met_keys = _fidelity_keys(stages), _metric_keys(stages)
+    headers = ["#", "stage", "form", "params", "MB", *fid_keys, *met_keys,
+               *(f"{k} ms" for k in LATENCY_KEYS), "seconds"]
+    rows = []
+    for stage in stages:
+        fid, met = stage.get("fidelity") or {}, stage.get("metrics") or {}
+        lat = stage.get("latency_ms") or {}
+        rows.append([
+            _fmt(stage.get("index"), "d"), str(stage.get("name", DASH)), str(stage.get("form", DASH)),
+            _fmt(stage.get("params"), ",d"), _fmt(_mb(stage.get("bytes")), ".1f"),
+            *(_fmt(fid.get(k), ".4f") for k in fid_keys),
+            *(_fmt(met.get(k), ".3f") for k in met_keys),
+            *(_fmt(lat.get(k), ".2f") for k in LATENCY_KEYS),
+            _fmt(stage.get("seconds"), ".1f"),
+        ])
+    return headers, rows
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    align = ["---" if h in ("stage", "form", "op") else "---:" for h in headers]
+    return [line(headers), line(align), *(line(r) for r in rows)]
+
+
+def _title_lines(report: dict) -> list[str]:
+    """Title plus model, data and latency-settings bullets."""
+    lines = [f"# Compression report: {report.get('model', '?')} ({report.get('kind', '?')})", ""]
+    data = report.get("data") or {}
+    if data:
+        lines.append(f"- **Data**: {data.get('source', '?')}: {_fmt(data.get('train'), ',d')} train"
+                     f" / {_fmt(data.get('eval'), ',d')} eval samples")
+    lat = (report.get("settings") or {}).get("latency") or {}
+    if lat:
+        lines.append(f"- **Latency**: batch {_fmt(lat.get('batch'), 'd')}, seq {_fmt(lat.get('seq'), 'd')}, "
+                     f"{_fmt(lat.get('threads'), 'd')} threads, {_fmt(lat.get('warmup'), 'd')} warmup, "
+                     f"{_fmt(lat.get('runs'), 'd')} runs")
+    final = report.get("final") or {}
+    if final:
+        lines.append(f"- **Final model**: `{final.get('path', '?')}` ({final.get('form', '?')})")
+    return lines + [""]
+
+
+def _ratio(num: Any, den: Any) -> float | None:
+    return num / den if _is_num(num) and _is_num(den) and den else None
+
+
+def _relative_line(stages: list[dict]) -> str:
+    """Final stage relative to stage 0: size ratio, speed-up and fidelity."""
+    first, last = stages[0], stages[-1]
+    size = _ratio(last.get("bytes"), first.get("bytes"))
+    size_txt = DASH if size is None else (
+        f"{size:.2f}x size ({_fmt(_mb(first.get('bytes')), '.1f')} MB → {_fmt(_mb(last.get('bytes')), '.1f')} MB)")
+    speed = _ratio((first.get("latency_ms") or {}).get("p50"), (last.get("latency_ms") or {}).get("p50"))
+    if speed is None:
+        speed_txt = f"latency {DASH}"
+    else:
+        speed_txt = f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
+        speed_txt += " (p50)"
+    fid = last.get("fidelity") or {}
+    fid_txt = ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in fid.items()) or f"fidelity {DASH}"
+    return f"**Relative to input** (stage {last.get('index', '?')} {last.get('name', '?')}): " \
+           f"{size_txt}; {speed_txt}; {fid_txt}"
+
+
+def _profile_lines(stage: dict) -> list[str]:
+    """A markdown section for one stage's runtime profile."""
+    prof = stage.get("profile") or {}
+    lines = [f"## Profile: stage {stage.get('index', '?')} {stage.get('name', '?')}", "",
+             f"- Throughput: {_fmt(prof.get('throughput_per_s'), ',.1f')} samples/s",
+             f"- Peak memory (RSS): {_fmt(prof.get('peak_rss_mb'), ',.1f')} MB"]
+    if "bytes" in prof:
+        lines.append(f"- Model size: {_fmt(_mb(prof.get('bytes')), '.1f')} MB")
+    ops = prof.get("top_ops") or []
+    if ops:
+        rows = [[str(op.get("op", DASH)), _fmt(op.get("ms"), ".2f"),
+                 DASH if not _is_num(op.get("share")) else f"{op['share'] * 100:.1f}%"] for op in ops]
+        lines += ["", *_md_table(["op", "ms", "share"], rows)]
+    return lines + [""]
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    """Write report.md: title, stage table, final-vs-input line and any profile sections."""
+    stages = report.get("stages") or []
+    lines = _title_lines(report)
+    lines += ["## Stages", ""]
+    if stages:
+        lines += _md_table(*_stage_table(report)) + ["", _relative_line(stages), ""]
+    else:
+        lines += ["No stages recorded.", ""]
+    for stage in stages:
+        if stage.get("profile"):
+            lines += _profile_lines(stage)
+    Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+def _fidelity_axis(stages: list[dict]) -> tuple[str, str]:
+    """(key, label) for the plots' fidelity axis: cosine if any stage has it, else top1."""
+    if any(_is_num((s.get("fidelity") or {}).get("cosine")) for s in stages):
+        return "cosine", "cosine to input"
+    return "top1", "top-1 agreement with input"
+
+
+def _panel(ax: Any, stages: list[dict], xfn: Any, xlabel: str, fkey: str, flabel: str) -> None:
+    """One scatter-and-line panel of x (from `xfn`) against fidelity, labelled per stage."""
+    pts = [(xfn(s), (s.get("fidelity") or {}).get(fkey), s) for s in stages]
+    pts = [(x, y, s) for x, y, s in pts if _is_num(x) and _is_num(y)]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(flabel)
+    ax.grid(True, alpha=0.3)
+    if not pts:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        return
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    ax.plot(xs, ys, "-", color="0.6", zorder=1)
+    ax.scatter(xs, ys, zorder=2)
+    xspan, yspan = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    labels: dict[tuple[int, int], tuple[float, float, list[str]]] = {}
+    for x, y, s in pts:  # stages within 1% of both axes of each other share one label
+        cell = (round((x - min(xs)) / xspan * 100), round((y - min(ys)) / yspan * 100))
+        labels.setdefault(cell, (x, y, []))[2].append(f"{s.get('index', '?')} {s.get('name', '?')}")
+    for x, y, names in labels.values():
+        ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8, va="bottom")
+
+
+def write_plot(report: dict, path: Path) -> None:
+    """Write a PNG with size (MB) vs fidelity and latency p50 (ms) vs fidelity, one point per stage."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    stages = report.get("stages") or []
+    fkey, flabel = _fidelity_axis(stages)
+    fig = Figure(figsize=(11, 4.5), dpi=110)
+    size_ax, lat_ax = fig.subplots(1, 2)
+    _panel(size_ax, stages, lambda s: _mb(s.get("bytes")), "size (MB)", fkey, flabel)
+    _panel(lat_ax, stages, lambda s: (s.get("latency_ms") or {}).get("p50"), "latency p50 (ms)",
+           fkey, flabel)
+    fig.suptitle(f"{report.get('model', '?')} ({report.get('kind', '?')})")
+    fig.tight_layout()
+    fig.savefig(Path(path), format="png")
+
+
+def summary_table(report: dict) -> Table:
+    """The stage table as a rich Table, for the terminal summary at the end of a run."""
+    from rich.table import Table
+
+    headers, rows = _stage_table(report)
+    table = Table(title=f"{report.get('model', '?')} ({report.get('kind', '?')})")
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("stage", "form") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def write_all(report: dict, outdir: Path) -> list[Path]:
+    """Write report.json, report.md and report.png into `outdir`; return their paths in that order."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = [outdir / "report.json", outdir / "report.md", outdir / "report.png"]
+    paths[0].write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    write_markdown(report, paths[1])
+    write_plot(report, paths[2])
+    return paths

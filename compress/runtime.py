@@ -1,0 +1,114 @@
+"""Running a model in either form on tokenized text, with one output per kind:
+encoder -> sentence embeddings (batch, hidden), L2-normalised;
+classifier -> logits (batch, labels); causal-lm -> logits (batch, seq, vocab).
+Evaluation, parity checks and profiling all go through these runners, so torch and ONNX stages
+are measured the same way."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+SESSION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def pooling_of(folder: Path | None) -> str:
+    """sentence-transformers folders say how to pool in 1_Pooling/config.json; default mean."""
+    cfg = folder / "1_Pooling" / "config.json" if folder else None
+    if cfg is not None and cfg.is_file():
+        if json.loads(cfg.read_text()).get("pooling_mode_cls_token"):
+            return "cls"
+    return "mean"
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int, pad_to_max: bool = False) -> dict[str, np.ndarray]:
+    enc = tokenizer(list(texts), padding="max_length" if pad_to_max else True, truncation=True,
+                    max_length=max_length, return_tensors="np")
+    return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def batches(tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
+    for i in range(0, len(texts), batch_size):
+        yield tokenize(tokenizer, texts[i : i + batch_size], max_length)
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, how: str) -> np.ndarray:
+    """(batch, seq, hidden) -> (batch, hidden), L2-normalised."""
+    if how == "cls":
+        emb = hidden[:, 0]
+    else:
+        m = mask[..., None].astype(hidden.dtype)
+        emb = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+    return emb / np.clip(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12, None)
+
+
+class TorchRunner:
+    def __init__(self, model: Any, kind: str, pooling: str = "mean"):
+        self.model, self.kind, self.pooling = model.eval(), kind, pooling
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        ids = torch.from_numpy(feed["input_ids"])
+        mask = torch.from_numpy(feed["attention_mask"])
+        with torch.inference_mode():
+            if self.kind == "encoder":
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                return pool(hidden.float().numpy(), feed["attention_mask"], self.pooling)
+            kwargs = {"use_cache": False} if self.kind == "causal-lm" else {}
+            return self.model(input_ids=ids, attention_mask=mask, **kwargs).logits.float().numpy()
+
+
+def session(path: Path, threads: int | None = None, profile_prefix: str | None = None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxRunner:
+    def __init__(self, path: Path, kind: str, pooling: str = "mean", threads: int | None = None):
+        self.sess = session(path, threads)
+        self.kind, self.pooling = kind, pooling
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def feed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: v for k, v in feed.items() if k in self.inputs}
+        if "token_type_ids" in self.inputs and "token_type_ids" not in out:
+            out["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        if "position_ids" in self.inputs and "position_ids" not in out:
+            out["position_ids"] = np.broadcast_to(np.arange(feed["input_ids"].shape[1]), feed["input_ids"].shape).copy()
+        return out
+
+    def raw(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.sess.run(None, self.feed(feed))))
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        outs = self.raw(feed)
+        if self.kind == "encoder":
+            if "sentence_embedding" in outs:
+                return outs["sentence_embedding"]
+            return pool(outs.get("last_hidden_state", next(iter(outs.values()))), feed["attention_mask"], self.pooling)
+        return outs.get("logits", next(iter(outs.values())))
+
+
+def runner(state: Any, which: str = "model", threads: int | None = None) -> Any:
+    """A runner for the state's current model (`which="model"`) or its teacher."""
+    pooling = state.meta.get("pooling", "mean")
+    if which == "teacher":
+        target = state.teacher
+        if isinstance(target, (str, Path)):
+            return OnnxRunner(Path(target), state.kind, pooling, threads)
+        return TorchRunner(target, state.kind, pooling)
+    if state.form == "torch":
+        return TorchRunner(state.model, state.kind, pooling)
+    return OnnxRunner(state.path, state.kind, pooling, threads)

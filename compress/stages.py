@@ -1,0 +1,122 @@
+"""Stage folders: saving a finished pass's state so a later run can resume from it, writing the
+final model, and publishing the run directory atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from compress import models
+from compress.state import ModelState
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx", ".ort", ".data")
+
+
+def identity(spec: Any, info: Any) -> dict:
+    """What makes an input the same input: its path and the size/mtime of its weight files."""
+    if info.path is None:
+        return {"module": type(spec).__name__, "id": id(spec)}
+    files = [info.path] if info.path.is_file() else sorted(p for p in info.path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    return {"path": str(info.path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+def save(state: ModelState, sdir: Path, key: str) -> ModelState:
+    """Persist the stage: torch models via save_pretrained, file forms already live in sdir."""
+    if state.form == "torch" and state.history[-1]["index"] > 0:
+        state.model.save_pretrained(sdir / "model")
+        if state.tokenizer is not None:
+            state.tokenizer.save_pretrained(sdir / "model")
+    elif state.form != "torch" and state.hf_config is not None:
+        state.hf_config.to_json_file(sdir / "config.json")
+    meta = {k: v for k, v in state.meta.items() if k != "hf_config"}
+    doc = {"key": key, "form": state.form, "path": _rel(state.path, sdir), "meta": meta, "record": state.history[-1]}
+    tmp = sdir / "stage.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.rename(sdir / "stage.json")  # written last: its presence marks the stage as complete
+    return state
+
+
+def _rel(path: Path | None, sdir: Path) -> str | None:
+    if path is None:
+        return None
+    path = Path(path)
+    return path.name if path.parent.resolve() == sdir.resolve() else str(path)
+
+
+def load_cached(sdir: Path, key: str, state: ModelState) -> ModelState | None:
+    marker = sdir / "stage.json"
+    if not marker.is_file():
+        return None
+    doc = json.loads(marker.read_text())
+    if doc.get("key") != key:
+        return None
+    rec = doc["record"]
+    if rec["index"] == 0:
+        return state.with_record(rec)
+    meta = dict(doc["meta"])
+    if doc["form"] == "torch":
+        model, _, _ = models.load_hf(sdir / "model")
+        new = replace(state, form="torch", model=model, path=None, meta=meta)
+    else:
+        path = Path(doc["path"]) if "/" in doc["path"] else sdir / doc["path"]
+        if (sdir / "config.json").is_file():
+            from transformers import AutoConfig
+
+            meta["hf_config"] = AutoConfig.from_pretrained(sdir)
+        new = replace(state, form=doc["form"], model=None, path=path, meta=meta)
+    return new.with_record(rec)
+
+
+def copy_model_file(src: Path, dst: Path) -> None:
+    """Copy an ONNX file; external data is re-saved beside it under the new name."""
+    import onnx
+
+    if src.suffix == ".onnx" and _has_external_data(src):
+        model = onnx.load(str(src))
+        onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    else:
+        shutil.copy2(src, dst)
+
+
+def _has_external_data(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def write_final(state: ModelState, work: Path) -> str:
+    if state.form == "torch":
+        state.model.save_pretrained(work / "model")
+        if state.tokenizer is not None:
+            state.tokenizer.save_pretrained(work / "model")
+        return "model"
+    name = "model" + Path(state.path).suffix
+    copy_model_file(Path(state.path), work / name)
+    if state.tokenizer is not None:  # so `compress run OUT/model.onnx` and users find the tokenizer
+        state.tokenizer.save_pretrained(work)
+    return name
+
+
+def publish(work: Path, outdir: Path, overwrite: bool) -> None:
+    """Rename the finished run directory into place; an old OUTDIR is removed only after."""
+    old = None
+    if outdir.exists():
+        old = outdir.parent / f".{outdir.name}.old-{hashlib.sha1(str(work).encode()).hexdigest()[:6]}"
+        outdir.rename(old)
+    work.rename(outdir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def one_line(rec: dict) -> str:
+    fid = rec.get("fidelity") or {}
+    fid_s = ", ".join(f"{k}={v:.4f}" for k, v in fid.items() if k in ("cosine", "kl", "top1"))
+    met = ", ".join(f"{k}={v:.3f}" for k, v in (rec.get("metrics") or {}).items())
+    lat = rec.get("latency_ms") or {}
+    lat_s = f"p50={lat['p50']:.2f} ms" if lat else ""
+    size = f"{rec['bytes'] / 1e6:.1f} MB" if rec.get("bytes") else ""
+    return " | ".join(x for x in (f"{rec['seconds']:.1f}s", size, fid_s, met, lat_s) if x)

@@ -1,0 +1,112 @@
+"""export.onnx: the torch model to an ONNX graph with dynamic batch and sequence axes, checked
+against PyTorch on held-out real inputs before it counts as done.
+
+BERT-family encoders export through the legacy (TorchScript) exporter with eager attention,
+the one path on which onnxruntime's transformer optimizer fuses Attention (STACK.md). Encoders
+output `last_hidden_state` and the pooled, L2-normalised `sentence_embedding`; classifiers and
+causal LMs output `logits` (no KV cache here). When to use: always, before any ONNX pass."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from compress.config import PassConfig
+from compress.registry import PassSpec
+from compress.state import ModelState
+from compress.exporters import parity
+
+
+class ExportOnnx(PassConfig):
+    pass_name = "export.onnx"
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset version")
+    exporter: Literal["legacy", "dynamo"] = Field(
+        "legacy", description="legacy: TorchScript exporter (lets ORT fuse BERT attention); dynamo: torch.export based")
+    atol: float = Field(1e-3, gt=0, le=1.0, description="max absolute difference allowed against PyTorch")
+    min_cosine: float = Field(0.9999, gt=0, le=1.0, description="min cosine between ONNX and PyTorch outputs")
+
+
+def _wrapper(model, kind: str, pooling: str):
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        """Explicit forward(input_ids, attention_mask): transformers 5 models can't be traced directly."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            if kind == "encoder":
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                if pooling == "cls":
+                    emb = hidden[:, 0]
+                else:
+                    m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+                    emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                return hidden, torch.nn.functional.normalize(emb, dim=-1)
+            extra = {"use_cache": False} if kind == "causal-lm" else {}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+    return Wrapper().eval()
+
+
+def output_names(kind: str) -> list[str]:
+    return ["last_hidden_state", "sentence_embedding"] if kind == "encoder" else ["logits"]
+
+
+def _export(wrapper, feed: dict, path, kind: str, cfg: ExportOnnx) -> None:
+    import torch
+
+    args = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
+    outs = output_names(kind)
+    if cfg.exporter == "legacy":
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+        for name in outs:
+            axes[name] = {0: "batch"} if name == "sentence_embedding" else {0: "batch", 1: "sequence"}
+        torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=cfg.opset,
+                          input_names=["input_ids", "attention_mask"], output_names=outs, dynamic_axes=axes)
+        return
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2)
+    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=max(cfg.opset, 18),
+                             input_names=["input_ids", "attention_mask"], output_names=outs, dynamic_shapes=shapes)
+    prog.save(str(path), external_data=False)
+
+
+def _torch_outputs(wrapper, kind: str):
+    import torch
+
+    def run(feed: dict) -> dict:
+        with torch.inference_mode():
+            out = wrapper(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
+        out = out if isinstance(out, tuple) else (out,)
+        return {n: t.float().numpy() for n, t in zip(output_names(kind), out)}
+
+    return run
+
+
+def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
+    from compress.runtime import OnnxRunner
+
+    model = state.model
+    previous = getattr(model.config, "_attn_implementation", None)
+    if cfg.exporter == "legacy" and previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")  # the pattern ORT's fusion recognises
+    try:
+        wrapper = _wrapper(model, state.kind, state.meta.get("pooling", "mean"))
+        feeds = parity.feeds_from_texts(state.tokenizer, state.data.eval if state.data else [], ctx.max_length)
+        path = ctx.workdir / "model.onnx"
+        _export(wrapper, feeds[0], path, state.kind, cfg)
+        onnx_run = OnnxRunner(path, state.kind)
+        rows = parity.check("export.onnx vs PyTorch", _torch_outputs(wrapper, state.kind), onnx_run.raw, feeds,
+                            cfg.atol, cfg.min_cosine)
+    finally:
+        if previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(previous)
+    ctx.notes["parity"] = rows
+    return state.with_file(path, "onnx", hf_config=model.config, exporter=cfg.exporter)
+
+
+PASS = PassSpec(name="export.onnx", config=ExportOnnx, run=run, takes=("torch",), gives="onnx",
+                summary="Export to ONNX (dynamic batch/sequence axes), checked against PyTorch on held-out text.")

@@ -1,0 +1,73 @@
+"""optimize.ort: onnxruntime graph optimisation, checked for parity against the unoptimised graph.
+
+BERT-family encoders go through onnxruntime's transformer optimizer (model_type="bert"), which
+fuses embeddings + LayerNorm, Attention, SkipLayerNorm and GELU into single kernels; the head
+count comes from the model config, so pruned models fuse too. Other models get onnxruntime's
+offline extended graph optimisations. When to use: after export.onnx, before quantization (the
+int8 pass quantizes the fused Attention op as a whole)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from compress.config import PassConfig
+from compress.exporters import parity
+from compress.registry import PassSpec
+from compress.state import ModelState
+
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet")
+
+
+class OptimizeOrt(PassConfig):
+    pass_name = "optimize.ort"
+    model_type: Literal["auto", "bert", "generic"] = Field(
+        "auto", description="auto: transformer fusion for BERT-family encoders, generic graph optimisation otherwise")
+    opt_level: int = Field(1, ge=0, le=2, description="onnxruntime optimisation level used during fusion (0-2)")
+    atol: float = Field(5e-3, gt=0, le=1.0, description="max absolute difference allowed against the input graph")
+    min_cosine: float = Field(0.9999, gt=0, le=1.0, description="min cosine against the input graph")
+
+
+def resolved_type(cfg: OptimizeOrt, hf_config) -> str:
+    if cfg.model_type != "auto":
+        return cfg.model_type
+    return "bert" if getattr(hf_config, "model_type", "") in BERT_LIKE else "generic"
+
+
+def _fuse_bert(src, dst, hf_config, opt_level: int) -> dict:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads = getattr(hf_config, "num_attention_heads", 0) if hf_config is not None else 0
+    hidden = getattr(hf_config, "hidden_size", 0) if hf_config is not None else 0
+    opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=opt_level)
+    opt.save_model_to_file(str(dst))
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def _generic(src, dst) -> dict:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return {}
+
+
+def run(state: ModelState, cfg: OptimizeOrt, ctx) -> ModelState:
+    from compress.runtime import OnnxRunner
+
+    dst = ctx.workdir / "model.onnx"
+    how = resolved_type(cfg, state.hf_config)
+    fused = _fuse_bert(state.path, dst, state.hf_config, cfg.opt_level) if how == "bert" else _generic(state.path, dst)
+    feeds = parity.feeds_from_texts(state.tokenizer, state.data.eval if state.data else [], ctx.max_length)
+    before, after = OnnxRunner(state.path, state.kind), OnnxRunner(dst, state.kind)
+    rows = parity.check("optimize.ort vs input graph", before.raw, after.raw, feeds, cfg.atol, cfg.min_cosine)
+    ctx.notes.update(parity=rows, fused_ops=fused, optimizer=how)
+    if how == "bert" and not fused.get("Attention"):
+        ctx.console.print("[yellow]note:[/yellow] no Attention fusion (export with exporter=legacy and eager attention)")
+    return state.with_file(dst, "onnx", optimized=how)
+
+
+PASS = PassSpec(name="optimize.ort", config=OptimizeOrt, run=run, takes=("onnx",), gives="onnx",
+                summary="onnxruntime graph optimisation / transformer fusion, checked for parity.")

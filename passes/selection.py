@@ -1,0 +1,33 @@
+"""Node selection shared by the quantization passes: exact node names or `re:` patterns."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def matching_nodes(path: Path, patterns: list[str], op_types: tuple[str, ...] | None = None) -> list[str]:
+    """Names of graph nodes matching any pattern (`re:<regex>` or an exact name)."""
+    import onnx
+
+    if not patterns:
+        return []
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = [n.name for n in graph.node if op_types is None or n.op_type in op_types]
+    out = []
+    for name in names:
+        for pat in patterns:
+            if (pat.startswith("re:") and re.search(pat[3:], name)) or pat == name:
+                out.append(name)
+                break
+    return out
+
+
+def validate_patterns(patterns: list[str]) -> list[str]:
+    problems = []
+    for pat in patterns:
+        if pat.startswith("re:"):
+            try:
+                re.compile(pat[3:])
+            except re.error as exc:
+                problems.append(f"bad regular expression {pat!r}: {exc}")
+    return problems
