@@ -47,11 +47,15 @@ class Result:
 def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, has_data: bool) -> list[str]:
     problems, form = [], info.form
     for i, cfg in enumerate(configs):
+        if cfg is None:  # already reported as invalid; the form after it is unknown
+            form = None
+            continue
         spec = registry.spec_for(cfg)
-        if form not in spec.takes:
-            fix = " (torch passes must come before export.onnx)" if "torch" in spec.takes else ""
-            problems.append(f"passes[{i}] '{spec.name}' takes a {' or '.join(spec.takes)} model "
-                            f"but gets the {form} form here{fix}")
+        if form is not None and form not in spec.takes:
+            fix = ("torch passes must come before export.onnx" if "torch" in spec.takes
+                   else "add export.onnx before it" if form == "torch" else "ONNX passes must come before export.ort")
+            problems.append(f"passes[{i}] '{spec.name}' takes the {' or '.join(spec.takes)} form "
+                            f"but gets the {form} form here: {fix}")
         if spec.needs_data(cfg) and not has_data:
             problems.append(f"passes[{i}] '{spec.name}' needs calibration data: give --data FILE or a built-in corpus")
         problems.extend(f"passes[{i}] '{spec.name}': {p}" for p in spec.check(cfg, info))
@@ -62,13 +66,20 @@ def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, 
 class Pipeline:
     """An ordered list of pass configs. `Pipeline([ExportOnnx(), QuantInt8()]).run("minilm", outdir="out")`."""
 
-    def __init__(self, passes: Sequence[PassConfig | dict | str]):
-        self.configs: list[PassConfig] = recipe.parse_entries(list(passes))
+    def __init__(self, passes: Sequence[PassConfig | dict | str], *, defer_errors: bool = False, source: str = "pipeline"):
+        """Invalid entries raise ConfigError here, or with `defer_errors` in `validate()`, together
+        with the problems found against the model (so a recipe check lists everything at once)."""
+        entries, self.problems = recipe.collect(list(passes))
+        self.source = source
+        if self.problems and not defer_errors:
+            raise ConfigError(self.problems, source)
+        self.entries = entries
+        self.configs: list[PassConfig] = [c for c in entries if c is not None]
 
     @classmethod
     def from_recipe(cls, path: str | Path) -> "Pipeline":
         doc = recipe.read_recipe(path)
-        pipe = cls(doc["passes"])
+        pipe = cls(doc["passes"], defer_errors=True, source=str(path))
         pipe.model, pipe.data = doc["model"], doc["data"]
         return pipe
 
@@ -78,9 +89,9 @@ class Pipeline:
     def validate(self, model: Any = None, has_data: bool = True) -> loading.ModelInfo:
         """Check everything that can be checked before work starts; raise one ConfigError."""
         info = loading.describe(model if model is not None else self.model)
-        problems = _problems_for_chain(self.configs, info, has_data)
+        problems = self.problems + _problems_for_chain(self.entries, info, has_data)
         if problems:
-            raise ConfigError(problems)
+            raise ConfigError(problems, self.source)
         return info
 
     def latency_settings(self) -> LatencySettings:

@@ -21,16 +21,16 @@ def _pydantic_problems(where: str, exc: ValidationError) -> list[str]:
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(config)"
         if err["type"] == "extra_forbidden":
-            out.append(f"{where}.{loc} is not a parameter of this pass (run `compress passes` to list them)")
+            out.append(f"{where}: '{loc}' is not a parameter of this pass (run `compress passes` to list them)")
         else:
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            out.append(f"{where}.{loc}: {err['msg']}{got}")
+            out.append(f"{where}: {loc}: {err['msg']}{got}")
     return out
 
 
-def parse_entries(entries: list[Any], source: str = "pipeline") -> list[PassConfig]:
-    """Dicts `{pass: name, **params}` or configs -> configs; raises ConfigError with all problems."""
-    configs: list[PassConfig] = []
+def collect(entries: list[Any]) -> tuple[list[PassConfig | None], list[str]]:
+    """Dicts `{pass: name, **params}`, names or configs -> configs (None where invalid) + problems."""
+    configs: list[PassConfig | None] = []
     problems: list[str] = []
     for i, entry in enumerate(entries):
         where = f"passes[{i}]"
@@ -39,20 +39,24 @@ def parse_entries(entries: list[Any], source: str = "pipeline") -> list[PassConf
             continue
         if isinstance(entry, str):
             entry = {"pass": entry}
+        configs.append(None)
         if not isinstance(entry, dict) or not isinstance(entry.get("pass"), str):
             problems.append(f"{where} must be a mapping with a 'pass' name, like {{pass: quant.int8}} (got {entry!r})")
             continue
         name = entry["pass"]
         params = {k: v for k, v in entry.items() if k != "pass"}
         try:
-            spec = registry.get(name)
+            configs[-1] = registry.get(name).config(**params)
         except UserError as exc:
             problems.append(f"{where} {exc}")
-            continue
-        try:
-            configs.append(spec.config(**params))
         except ValidationError as exc:
-            problems.extend(_pydantic_problems(f"{where} ({name})", exc))
+            problems.extend(_pydantic_problems(f"{where} '{name}'", exc))
+    return configs, problems
+
+
+def parse_entries(entries: list[Any], source: str = "pipeline") -> list[PassConfig]:
+    """Like `collect`, but raises one ConfigError listing every problem."""
+    configs, problems = collect(entries)
     if problems:
         raise ConfigError(problems, source)
     return configs
@@ -87,7 +91,7 @@ def parse_cli_pass(text: str) -> dict:
 
 
 def read_recipe(path: str | Path) -> dict:
-    """A recipe file -> {"model": str|None, "data": str|None, "passes": [configs]}."""
+    """A recipe file -> {"model": str|None, "data": str|None, "passes": [raw entries]}."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
@@ -102,7 +106,7 @@ def read_recipe(path: str | Path) -> dict:
     unknown = sorted(set(doc) - RECIPE_KEYS)
     if unknown:
         raise ConfigError([f"unknown top-level key(s) {unknown}; allowed: {sorted(RECIPE_KEYS)}"], str(path))
-    return {"model": doc.get("model"), "data": doc.get("data"), "passes": parse_entries(doc["passes"], str(path))}
+    return {"model": doc.get("model"), "data": doc.get("data"), "passes": doc["passes"]}
 
 
 def dump_recipe(configs: list[PassConfig], model: str | None = None, data: str | None = None) -> str:

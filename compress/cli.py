@@ -1,0 +1,204 @@
+"""The `compress` command line: run, passes, validate, profile.
+
+Every user mistake (unknown pass, bad parameter, wrong order, missing or corrupt model, existing
+output) prints one message and exits with code 2; a pass that fails while running exits with 1
+and says which pass failed and where the finished stages are kept for --resume."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress trained models (prune, distil, quantize) and export them to fast ONNX for edge runtimes.")
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+OPS = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
+
+
+def friendly(fn: Callable) -> Callable:
+    """User errors: one line, exit 2. Pass failures: which pass, exit 1. No tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from compress.errors import PassFailed, UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(2) from None
+        except PassFailed as exc:
+            console.print(f"[bold red]failed:[/bold red] {escape(str(exc))}", highlight=False)
+            console.print("finished stages are kept; fix the problem and rerun with --resume to continue from there")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our progress and results (library chatter goes to the log level)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*TracerWarning.*")
+    try:
+        import torch.jit
+
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@app.command()
+@friendly
+def run(
+    model: Optional[str] = typer.Argument(None, help="transformers folder, .onnx file, or built-in alias (default: minilm)"),
+    passes: List[str] = typer.Option([], "--pass", "-p", help="NAME or NAME:key=value,... (repeatable, in order)"),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (instead of --pass)"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="text file (one sample per line), .jsonl with a 'text' field, or built-in corpus: wiki, lee"),
+    outdir: Path = typer.Option(..., "--output", "-o", help="output directory (must not exist unless --overwrite)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+    resume: bool = typer.Option(False, "--resume", help="reuse the stages finished by an earlier interrupted run"),
+    max_length: int = typer.Option(128, "--max-length", min=8, max=8192, help="tokens per evaluation sample"),
+    no_tasks: bool = typer.Option(False, "--no-tasks", help="skip the task metrics (Lee-50, polarity)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the model folder"),
+) -> None:
+    """Run passes over a model and write the final model, report.json, report.md and report.png."""
+    from compress import recipe as recipe_mod
+    from compress.errors import UserError
+    from compress.pipeline import Pipeline
+
+    quiet_libraries()
+    if recipe_file and passes:
+        raise UserError("give either --recipe or --pass options, not both")
+    if passes:
+        pipe = Pipeline([recipe_mod.parse_cli_pass(p) for p in passes], defer_errors=True, source="command line")
+    else:
+        pipe = Pipeline.from_recipe(recipe_file or recipe_mod.default_recipe_path())
+        if recipe_file is None:
+            console.print("no passes given: running the default recipe (export.onnx, optimize.ort, quant.int8, profile)")
+    pipe.run(model, data, outdir, overwrite=overwrite, resume=resume, max_length=max_length, tasks=not no_tasks,
+             trust_remote_code=trust_remote_code, console=console)
+
+
+@app.command("passes")
+@friendly
+def list_passes(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List every pass: what it does, the forms it takes and gives, its parameters and defaults."""
+    from compress import registry
+
+    rows = []
+    for name in registry.names():
+        spec = registry.get(name)
+        params = []
+        for key, field in spec.config.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            bounds = [f"{OPS[type(m).__name__]} {getattr(m, type(m).__name__.lower())}" for m in field.metadata
+                      if type(m).__name__ in OPS]
+            params.append({"name": key, "default": default, "description": field.description or "",
+                           "range": ", ".join(bounds)})
+        rows.append({"name": name, "summary": spec.summary, "takes": list(spec.takes),
+                     "gives": spec.gives or "same", "params": params})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    out = Console(width=None if sys.stdout.isatty() else 140)
+    for row in rows:
+        out.print(f"[bold cyan]{row['name']}[/bold cyan]  ({'/'.join(row['takes'])} -> {row['gives']})  {row['summary']}")
+        for p in row["params"]:
+            rng = f" ({p['range']})" if p["range"] else ""
+            out.print(escape(f"    {p['name']} = {p['default']!r}{rng}: {p['description']}"), highlight=False)
+        out.print()
+
+
+@app.command()
+@friendly
+def validate(
+    recipe_file: Path = typer.Argument(..., help="YAML recipe to check"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="check against this model instead of the recipe's"),
+) -> None:
+    """Check a recipe without running it: pass names, parameters, form order, model support."""
+    from compress.pipeline import Pipeline
+
+    pipe = Pipeline.from_recipe(recipe_file)
+    info = pipe.validate(model)
+    console.print(f"[green]ok[/green]: {recipe_file}: {len(pipe.configs)} passes, valid for a {info.kind} "
+                  f"({info.architecture or info.form}) model")
+
+
+@app.command()
+@friendly
+def profile(
+    model: Path = typer.Argument(..., help=".onnx or .ort file"),
+    batch: int = typer.Option(1, min=1, help="rows per run"),
+    seq: int = typer.Option(128, min=1, help="tokens per row"),
+    threads: int = typer.Option(2, min=1, help="intra-op threads (pinned)"),
+    warmup: int = typer.Option(10, min=0, help="untimed runs"),
+    runs: int = typer.Option(50, min=5, help="timed runs"),
+    as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
+) -> None:
+    """Latency p50/p90/p99, throughput, peak memory, size and top ops of an ONNX model."""
+    import tempfile
+
+    from compress import models
+    from compress.data import load
+    from compress.profiling import LatencySettings, profile_file, real_feed
+
+    quiet_libraries()
+    path = models.resolve(str(model))
+    if not path.is_file() or path.suffix not in models.ONNX_SUFFIXES:
+        from compress.errors import ModelLoadError
+
+        raise ModelLoadError(f"'{model}' is not an .onnx or .ort file")
+    models.check_onnx(path)
+    settings = LatencySettings(batch, seq, threads, warmup, runs)
+    tokenizer = models.find_tokenizer(path)
+    feed = real_feed(tokenizer, load("wiki").eval if tokenizer is not None else [], batch, seq)
+    with tempfile.TemporaryDirectory() as tmp, console.status(f"profiling {path.name}"):
+        result = profile_file(path, models.onnx_kind(path), feed, settings, Path(tmp))
+    result["inputs"] = "real text (held-out wiki)" if tokenizer is not None else "random token ids (no tokenizer beside the model)"
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    _print_profile(path, result)
+
+
+def _print_profile(path: Path, result: dict) -> None:
+    lat, s = result["latency_ms"], result["settings"]
+    out = Console()
+    out.print(f"[bold]{path}[/bold]: batch {s['batch']}, seq {s['seq']}, {s['threads']} threads, {s['runs']} runs; inputs: {result['inputs']}")
+    out.print(f"latency p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms; "
+              f"throughput {result['throughput_per_s']:.1f}/s; peak memory {result['peak_rss_mb']:.0f} MB; "
+              f"size {result['bytes'] / 1e6:.1f} MB")
+    table = Table("op", "ms / run", "share")
+    for row in result["top_ops"]:
+        table.add_row(row["op"], f"{row['ms']:.2f}", f"{row['share']:.1%}")
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

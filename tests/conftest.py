@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny models built from configs with fixed seeds (the real MiniLM tokenizer,
+so the text is real), a small real-text data file, fast latency settings."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=UserWarning)
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from compress.models import alias_path
+
+    return AutoTokenizer.from_pretrained(alias_path("minilm"), local_files_only=True)
+
+
+def _save(model, folder: Path) -> Path:
+    model.eval().save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, max_position_embeddings=512, architectures=["BertModel"], **TINY)
+    return _save(BertModel(cfg), tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, max_position_embeddings=512, num_labels=3,
+                     architectures=["BertForSequenceClassification"], **TINY)
+    return _save(BertForSequenceClassification(cfg), tmp_path_factory.mktemp("tiny_cls"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Llama with grouped-query attention: 4 query heads share 2 key/value heads."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      architectures=["LlamaForCausalLM"], pad_token_id=0)
+    return _save(LlamaForCausalLM(cfg), tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """40 real news paragraphs (lee_background) as one-sample-per-line text."""
+    from compress.data import lee_background
+
+    path = tmp_path_factory.mktemp("data") / "news.txt"
+    path.write_text("\n".join(lee_background()[:40]) + "\n")
+    return path
+
+
+@pytest.fixture
+def fast():
+    """Pipeline.run keyword arguments that keep a tiny run to seconds."""
+    from rich.console import Console
+
+    from compress.profiling import LatencySettings
+
+    return dict(latency=LatencySettings(batch=1, seq=16, threads=1, warmup=1, runs=5), tasks=False,
+                max_length=32, console=Console(quiet=True))

@@ -1,0 +1,154 @@
+"""The CLI: every kind of bad input gives one clear message and exit code 2, no traceback, and
+nothing is written or changed; the verbs work."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from compress.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    result = runner.invoke(app, list(args))
+    out = result.output
+    assert "Traceback" not in out, out
+    return result.exit_code, out
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture
+def tiny_onnx(tiny_bert, text_file, tmp_path_factory):
+    from rich.console import Console
+
+    from compress import Pipeline
+
+    out = tmp_path_factory.mktemp("onnx") / "out"
+    Pipeline(["export.onnx"]).run(str(tiny_bert), str(text_file), out, tasks=False, max_length=32, console=Console(quiet=True))
+    return out / "model.onnx"
+
+
+def test_cli_unknown_pass_suggests_a_name(tmp_path):
+    code, out = _run("run", "--pass", "quant.int9", "-o", str(tmp_path / "o"))
+
+    assert code == 2
+    assert "unknown pass 'quant.int9'" in out and "did you mean 'quant.int8'" in out
+    assert _tree(tmp_path) == []
+
+
+def test_cli_out_of_range_parameter(tmp_path):
+    code, out = _run("run", "--pass", "export.onnx", "--pass", "quant.int4:block_size=8", "-o", str(tmp_path / "o"))
+
+    assert code == 2
+    assert "block_size" in out and "greater than or equal to 16 (got 8)" in out
+    assert _tree(tmp_path) == []
+
+
+def test_cli_torch_pass_after_export(tiny_bert, tmp_path):
+    code, out = _run("run", str(tiny_bert), "--pass", "export.onnx", "--pass", "export.onnx", "-o", str(tmp_path / "o"))
+
+    assert code == 2
+    assert "passes[1] 'export.onnx' takes the torch form but gets the onnx form" in out
+    assert _tree(tmp_path) == []
+
+
+def test_cli_missing_model_path(tmp_path):
+    code, out = _run("run", str(tmp_path / "nope"), "--pass", "export.onnx", "-o", str(tmp_path / "o"))
+
+    assert code == 2
+    assert "model not found" in out and "nope" in out
+    assert _tree(tmp_path) == []
+
+
+def test_cli_truncated_onnx(tiny_onnx, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(tiny_onnx.read_bytes()[:5000])
+
+    code, out = _run("run", str(bad), "--pass", "quant.int8", "-o", str(tmp_path / "o"))
+
+    assert code == 2
+    assert "not a valid ONNX model (truncated or corrupt?)" in out
+    assert _tree(tmp_path) == ["bad.onnx"]
+
+
+def test_cli_non_model_folder(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8\xff")
+
+    code, out = _run("run", str(folder), "--pass", "export.onnx", "-o", str(tmp_path / "o"))
+
+    assert code == 2
+    assert "is not a model folder: it has no config.json" in out
+    assert _tree(tmp_path) == ["photos", "photos/cat.jpg"]
+
+
+def test_cli_existing_outdir(tiny_bert, tmp_path):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    (out_dir / "mine.txt").write_text("keep")
+
+    code, out = _run("run", str(tiny_bert), "--pass", "export.onnx", "-o", str(out_dir))
+
+    assert code == 2
+    assert "already exists" in out and "--overwrite" in out
+    assert _tree(tmp_path) == ["o", "o/mine.txt"]
+
+
+def test_cli_corrupt_weights(tiny_bert, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+
+    code, out = _run("run", str(broken), "--pass", "export.onnx", "-o", str(tmp_path / "o"))
+
+    assert code == 2
+    assert "cannot load the model" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_run_with_passes_writes_outputs(tiny_bert, text_file, tmp_path):
+    code, out = _run("run", str(tiny_bert), "--pass", "export.onnx", "--pass", "quant.int8:per_channel=false",
+                     "--data", str(text_file), "--no-tasks", "--max-length", "32", "-o", str(tmp_path / "o"))
+
+    assert code == 0, out
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["stages"][2]["config"] == {"pass": "quant.int8", **rep["stages"][2]["config"], "per_channel": False}
+
+
+def test_cli_passes_lists_every_pass_with_parameters():
+    from compress import registry
+
+    code, out = _run("passes", "--json")
+
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == registry.names()
+    int4 = next(r for r in rows if r["name"] == "quant.int4")
+    assert {"name": "block_size", "default": 32}.items() <= next(p for p in int4["params"] if p["name"] == "block_size").items()
+
+
+def test_cli_validate_accepts_good_and_rejects_bad_recipe(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("passes:\n  - pass: export.onnx\n  - pass: quant.int8\n")
+    bad.write_text("passes:\n  - pass: quant.int8\n  - pass: export.onxx\n")
+
+    assert _run("validate", str(good))[0] == 0
+    code, out = _run("validate", str(bad))
+    assert code == 2 and "did you mean 'export.onnx'" in out and "add export.onnx before it" in out
+
+
+def test_cli_profile_prints_latency_and_top_ops(tiny_onnx):
+    code, out = _run("profile", str(tiny_onnx), "--seq", "16", "--runs", "5", "--warmup", "1", "--json")
+
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["latency_ms"]["p50"] > 0 and result["top_ops"]
+    assert result["inputs"].startswith("real text")

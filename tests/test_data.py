@@ -1,0 +1,56 @@
+"""Data loading: built-in corpora and user files split into disjoint train / held-out parts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compress import data
+from compress.errors import DataError
+
+
+def test_data_split_train_and_eval_never_overlap(text_file):
+    d = data.load(text_file)
+
+    assert d.eval and d.train
+    assert not set(d.eval) & set(d.train)
+
+
+def test_data_split_deduplicates_before_splitting():
+    texts = ["same sample"] * 10 + [f"sample {i}" for i in range(20)]
+
+    d = data.split(texts, "t")
+
+    assert len(d.train) + len(d.eval) == 21
+    assert not set(d.eval) & set(d.train)
+
+
+def test_data_jsonl_reads_text_field(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"row {i}", "label": i}) for i in range(10)))
+
+    d = data.load(path)
+
+    assert sorted(d.train + d.eval) == sorted(f"row {i}" for i in range(10))
+
+
+def test_data_jsonl_without_text_field_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+
+    with pytest.raises(DataError, match=r"d.jsonl:2: expected a JSON object with a 'text' field"):
+        data.load(path)
+
+
+def test_data_unknown_builtin_lists_the_known_ones():
+    with pytest.raises(DataError, match=r"unknown data 'wikipedia'.*\['lee', 'wiki'\]"):
+        data.load("wikipedia")
+
+
+def test_data_builtin_lee_is_real_news_text():
+    d = data.load("lee")
+
+    paragraphs = data.lee_background()
+    assert len(paragraphs) == 300  # lee_background.cor: 300 paragraphs, 7 of them repeated
+    assert len(d.train) + len(d.eval) == len(set(paragraphs)) == 293
+    assert all(len(t.split()) > 10 for t in d.eval)

@@ -1,0 +1,161 @@
+"""The pipeline end to end on tiny models: every pass runs, parity, quantized ops, report,
+cache and resume, atomic outputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from compress import Pipeline, registry
+from compress.errors import ConfigError, OutputExistsError, PassFailed
+
+# The shortest chain that brings a model in the torch form to the form each pass takes.
+PREFIX = {"torch": [], "onnx": ["export.onnx"], "ort": ["export.onnx", "export.ort"]}
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_pipeline_every_registered_pass_runs_on_tiny_bert(name, tiny_bert, text_file, tmp_path, fast):
+    form = registry.get(name).takes[0]
+    passes = [p for p in PREFIX[form] if p != name] + [name]
+
+    result = Pipeline(passes).run(str(tiny_bert), str(text_file), tmp_path / "out", **fast)
+
+    stages = result.report["stages"]
+    assert [s["name"] for s in stages] == ["input", *passes]
+    assert all(s["fidelity"]["cosine"] > 0.9 for s in stages)
+    assert (tmp_path / "out" / result.report["final"]["path"]).exists()
+
+
+def test_export_onnx_matches_torch_at_other_batch_and_length(tiny_bert, text_file, tmp_path, fast):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    result = Pipeline(["export.onnx"]).run(str(tiny_bert), str(text_file), tmp_path / "out", **fast)
+    from compress.runtime import OnnxRunner
+
+    runner = OnnxRunner(tmp_path / "out" / "model.onnx", "encoder")
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = ["short one", "a somewhat longer real sentence about the weather in Sydney today", "x"]
+    enc = tok(texts, padding=True, return_tensors="np")
+    feed = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+    model = AutoModel.from_pretrained(tiny_bert).eval()
+    with torch.inference_mode():
+        ref = model(input_ids=torch.from_numpy(feed["input_ids"]), attention_mask=torch.from_numpy(feed["attention_mask"]))
+
+    got = runner.raw(feed)
+
+    np.testing.assert_allclose(got["last_hidden_state"], ref.last_hidden_state.numpy(), atol=1e-4)
+    assert all(r["ok"] for r in result.report["stages"][1]["parity"])
+
+
+def test_optimize_ort_fuses_bert_attention(tiny_bert, text_file, tmp_path, fast):
+    result = Pipeline(["export.onnx", "optimize.ort"]).run(str(tiny_bert), str(text_file), tmp_path / "out", **fast)
+
+    assert result.report["stages"][2]["fused_ops"].get("Attention") == 2  # one per layer
+    assert "Attention" in _ops(tmp_path / "out" / "model.onnx")
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"mode": "dynamic"}, {"MatMulInteger", "QAttention"}),
+    ({"mode": "static", "calibration_samples": 4}, {"QuantizeLinear", "DequantizeLinear"}),
+])
+def test_quant_int8_graph_contains_quantized_ops(params, expected, tiny_bert, text_file, tmp_path, fast):
+    Pipeline(["export.onnx", "optimize.ort", {"pass": "quant.int8", **params}]).run(
+        str(tiny_bert), str(text_file), tmp_path / "out", **fast)
+
+    assert expected <= _ops(tmp_path / "out" / "model.onnx")
+
+
+def test_quant_int4_graph_contains_matmulnbits(tiny_llama, text_file, tmp_path, fast):
+    result = Pipeline(["export.onnx", {"pass": "quant.int4", "block_size": 16}]).run(
+        str(tiny_llama), str(text_file), tmp_path / "out", **fast)
+
+    assert "MatMulNBits" in _ops(tmp_path / "out" / "model.onnx")
+    # 2 layers x (q, k, v, o, gate, up, down) + lm_head = 15 MatMuls with constant weights
+    assert result.report["stages"][-1]["matmulnbits_nodes"] == 15
+    assert result.report["stages"][-1]["bytes"] < 0.75 * result.report["stages"][1]["bytes"]
+
+
+def test_pipeline_classifier_and_lm_record_kl_and_top1(tiny_classifier, tiny_llama, text_file, tmp_path, fast):
+    for i, model in enumerate((tiny_classifier, tiny_llama)):
+        result = Pipeline(["export.onnx"]).run(str(model), str(text_file), tmp_path / f"o{i}", **fast)
+        fid = result.report["stages"][1]["fidelity"]
+        assert fid["top1"] == 1.0 and fid["kl"] < 1e-6
+
+
+def test_pipeline_report_has_every_stage_measured(tiny_bert, text_file, tmp_path, fast):
+    Pipeline(["export.onnx", "quant.int8", "profile"]).run(str(tiny_bert), str(text_file), tmp_path / "out", **fast)
+
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["stages"][0]["name"] == "input" and rep["stages"][0]["form"] == "torch"
+    for stage in rep["stages"]:
+        assert {"name", "params", "bytes", "seconds", "fidelity", "metrics", "latency_ms"} <= set(stage)
+        assert set(stage["latency_ms"]) >= {"p50", "p90", "p99"}
+    assert rep["stages"][2]["bytes"] < rep["stages"][1]["bytes"]
+    assert {"throughput_per_s", "peak_rss_mb", "top_ops"} <= set(rep["stages"][3]["profile"])
+    for name in ("report.md", "report.png", "recipe.yaml", "tokenizer.json"):
+        assert (tmp_path / "out" / name).is_file()
+
+
+def test_pipeline_failure_keeps_finished_stages_and_resume_continues(tiny_bert, text_file, tmp_path, fast, monkeypatch):
+    spec = registry.get("quant.int8")
+    broken = type(spec)(**{**spec.__dict__, "run": lambda state, cfg, ctx: 1 / 0})
+    real_get = registry.get
+    monkeypatch.setattr(registry, "get", lambda name: broken if name == "quant.int8" else real_get(name))
+    pipe = Pipeline(["export.onnx", "quant.int8"])
+    out = tmp_path / "out"
+
+    with pytest.raises(PassFailed, match="pass 2 'quant.int8' failed: ZeroDivisionError"):
+        pipe.run(str(tiny_bert), str(text_file), out, **fast)
+    assert not out.exists()
+    export_marker = tmp_path / ".out.partial" / "stages" / "01-export.onnx" / "stage.json"
+    first = export_marker.stat().st_mtime_ns
+
+    monkeypatch.setattr(registry, "get", real_get)
+    result = pipe.run(str(tiny_bert), str(text_file), out, resume=True, **fast)
+
+    assert export_marker.exists() is False  # the partial run directory became OUTDIR
+    assert (out / "stages" / "01-export.onnx" / "stage.json").stat().st_mtime_ns == first  # reused, not re-run
+    assert [s["name"] for s in result.report["stages"]] == ["input", "export.onnx", "quant.int8"]
+
+
+def test_pipeline_refuses_existing_outdir_and_overwrites_when_asked(tiny_bert, text_file, tmp_path, fast):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        Pipeline(["export.onnx"]).run(str(tiny_bert), str(text_file), out, **fast)
+    assert (out / "keep.txt").read_text() == "user file"
+
+    Pipeline(["export.onnx"]).run(str(tiny_bert), str(text_file), out, overwrite=True, **fast)
+    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+
+
+def test_pipeline_never_changes_the_input_model(tiny_bert, text_file, tmp_path, fast):
+    before = {p.name: p.read_bytes() for p in tiny_bert.iterdir() if p.is_file()}
+
+    Pipeline(["export.onnx", "optimize.ort", "quant.int8"]).run(str(tiny_bert), str(text_file), tmp_path / "o", **fast)
+
+    assert {p.name: p.read_bytes() for p in tiny_bert.iterdir() if p.is_file()} == before
+
+
+def test_pipeline_onnx_input_runs_onnx_passes(tiny_bert, text_file, tmp_path, fast):
+    Pipeline(["export.onnx"]).run(str(tiny_bert), str(text_file), tmp_path / "a", **fast)
+
+    result = Pipeline(["quant.int4"]).run(str(tmp_path / "a" / "model.onnx"), str(text_file), tmp_path / "b", **fast)
+
+    assert result.report["stages"][0]["form"] == "onnx"
+    assert result.report["stages"][1]["fidelity"]["cosine"] > 0.95
+
+
+def test_pipeline_rejects_wrong_order_before_any_work(tiny_bert, text_file, tmp_path, fast):
+    with pytest.raises(ConfigError, match="torch passes must come before export.onnx"):
+        Pipeline(["export.onnx", "export.onnx"]).run(str(tiny_bert), str(text_file), tmp_path / "out", **fast)
+    assert list(tmp_path.iterdir()) == []
