@@ -188,7 +188,8 @@ def _print_profile(path: Path, result: dict) -> None:
     out = Console()
     out.print(f"[bold]{path}[/bold]: batch {s['batch']}, seq {s['seq']}, {s['threads']} threads, {s['runs']} runs; inputs: {result['inputs']}")
     out.print(f"latency p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms; "
-              f"throughput {result['throughput_per_s']:.1f}/s; peak memory {result['peak_rss_mb']:.0f} MB; "
+              f"throughput {result['throughput_per_s']:.1f}/s; peak memory {result['peak_rss_mb']:.0f} MB "
+              f"({result['model_mb']:.0f} MB above the runtime baseline); "
               f"size {result['bytes'] / 1e6:.1f} MB")
     table = Table("op", "ms / run", "share")
     for row in result["top_ops"]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -83,7 +83,8 @@ def latency(state: ModelState, settings: profiling.LatencySettings) -> dict[str,
 
 
 def measure(state: ModelState, ref: Reference, max_length: int, settings: profiling.LatencySettings | None,
-            tasks: bool = True) -> dict:
+            tasks: bool = True, step: Callable[[str], None] = lambda what: None) -> dict:
+    """`step(what)` is called as each part starts (the pipeline drives a progress bar with it)."""
     run = runtime.runner(state, threads=settings.threads if settings else None)
     if state.form == "torch":
         params, nbytes = torch_params(state.model), torch_bytes(state.model)
@@ -91,7 +92,13 @@ def measure(state: ModelState, ref: Reference, max_length: int, settings: profil
         params, nbytes = onnx_params(state.path), profiling.file_bytes(state.path)
     record = {"form": state.form, "params": params, "bytes": nbytes}
     if state.tokenizer is not None and state.data is not None:
+        step(f"fidelity on {len(state.data.eval)} held-out samples")
         record["fidelity"] = evaluate.fidelity(state.kind, run, ref.target(), state.tokenizer, state.data.eval, max_length)
+    step("task metrics (Lee-50, polarity)")
     record["metrics"] = evaluate.task_metrics(state.kind, run, state.tokenizer) if tasks else {}
+    step("latency")
     record["latency_ms"] = latency(state, settings) if settings else None
     return record
+
+
+MEASURE_STEPS = 3

@@ -9,18 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from compress import data as data_mod
 from compress import loading, recipe, registry, report, stages
 from compress.config import PassConfig
 from compress.errors import ConfigError, OutputExistsError, PassFailed, UserError
-from compress.measure import Reference, measure
+from compress.measure import MEASURE_STEPS, Reference, measure
 from compress.profiling import LatencySettings
 from compress.state import ModelState
 
@@ -103,7 +105,7 @@ class Pipeline:
     def run(self, model: Any = None, data: Any = None, outdir: str | Path = "compressed", *, overwrite: bool = False,
             resume: bool = False, max_length: int = 128, latency: LatencySettings | None = None, tasks: bool = True,
             tokenizer: Any = None, trust_remote_code: bool = False, console: Console | None = None) -> Result:
-        console = console or Console(stderr=True)
+        console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 160)
         outdir = Path(outdir)
         if outdir.exists() and not overwrite:
             raise OutputExistsError(f"output directory '{outdir}' already exists: choose another -o, or pass --overwrite")
@@ -148,8 +150,7 @@ class Pipeline:
                 state = _run_one(state, cfg, ctx)
             seconds = time.perf_counter() - t0
             ref = ref or Reference.build(state, max_length)
-            with console.status(f"measuring stage {index} ({name})"):
-                rec = _measure_or_inherit(state, cfg, ref, max_length, settings, tasks)
+            rec = _measure_or_inherit(state, cfg, ref, max_length, settings, tasks, console, f"stage {index} ({name})")
             rec = {"index": index, "name": name, "config": cfg.to_dict() if cfg else None, **rec,
                    "seconds": round(seconds, 3), **ctx.notes}
             state = stages.save(state.with_record(rec), sdir, key)
@@ -182,12 +183,22 @@ def _run_one(state: ModelState, cfg: PassConfig, ctx: PassContext) -> ModelState
 
 
 def _measure_or_inherit(state: ModelState, cfg: PassConfig | None, ref: Reference, max_length: int,
-                        settings: LatencySettings, tasks: bool) -> dict:
+                        settings: LatencySettings, tasks: bool, console: Console, label: str) -> dict:
     """A pass that leaves the model as it is (profile) inherits the previous measurements."""
     if cfg is not None and not registry.spec_for(cfg).changes_model and state.history:
         prev = state.history[-1]
         return {k: prev[k] for k in ("form", "params", "bytes", "fidelity", "metrics", "latency_ms") if k in prev}
-    return measure(state, ref, max_length, settings, tasks)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"measuring {label}", total=MEASURE_STEPS)
+
+        def advance(what: str) -> None:  # called as each part starts: the previous one is done
+            progress.update(task, description=f"measuring {label}: {what}", completed=len(started))
+            started.append(what)
+
+        started: list[str] = []
+
+        return measure(state, ref, max_length, settings, tasks, step=advance)
 
 
 def _hash(obj: Any) -> str:

@@ -102,27 +102,32 @@ def top_ops(path: Path, feed_inputs: dict[str, np.ndarray], settings: LatencySet
 
 
 _PEAK_SCRIPT = """
-import json, resource, sys, numpy as np, onnxruntime as ort
+import json, sys, numpy as np, onnxruntime as ort
+def hwm():  # peak RSS of this process in MB; VmHWM restarts at exec (ru_maxrss would carry the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 path, threads, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 feed = dict(np.load(sys.argv[4]))
+base = hwm()
 so = ort.SessionOptions(); so.intra_op_num_threads = threads
 s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for _ in range(runs):
     s.run(None, {i.name: feed[i.name] for i in s.get_inputs()})
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"peak_rss_mb": hwm(), "model_mb": hwm() - base}))
 """
 
 
-def peak_memory_mb(path: Path, feed_inputs: dict[str, np.ndarray], settings: LatencySettings, workdir: Path) -> float:
-    """Peak resident memory of a fresh process that loads the model and runs it a few times."""
+def peak_memory_mb(path: Path, feed_inputs: dict[str, np.ndarray], settings: LatencySettings, workdir: Path) -> dict:
+    """Peak resident memory of a fresh process that loads the model and runs it a few times:
+    the whole process, and the part above the interpreter + onnxruntime baseline."""
     npz = workdir / "profile_feed.npz"
     np.savez(npz, **feed_inputs)
     env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads)}
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), str(settings.threads), "5", str(npz)],
                          capture_output=True, text=True, timeout=600, env=env, check=True)
     npz.unlink(missing_ok=True)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def file_bytes(path: Path) -> int:
@@ -142,7 +147,24 @@ def profile_file(path: Path, kind: str, feed: dict[str, np.ndarray], settings: L
         "settings": settings.as_dict(),
         "latency_ms": latency,
         "throughput_per_s": settings.batch * 1000.0 / latency["p50"],
-        "peak_rss_mb": peak_memory_mb(path, inputs, settings, workdir),
+        **peak_memory_mb(path, inputs, settings, workdir),
         "bytes": file_bytes(path),
         "top_ops": top_ops(path, inputs, settings, workdir),
     }
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], settings: LatencySettings, rounds: int = 5) -> dict[str, dict]:
+    """Time several candidates in alternating rounds, so background load on a shared machine
+    hits all of them alike; percentiles over all rounds. Use for ratios in benchmarks."""
+    for fn in fns.values():
+        for _ in range(settings.warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = max(1, settings.runs // rounds)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: percentiles(t) for name, t in times.items()}

@@ -121,7 +121,8 @@ def _profile_lines(stage: dict) -> list[str]:
     prof = stage.get("profile") or {}
     lines = [f"## Profile: stage {stage.get('index', '?')} {stage.get('name', '?')}", "",
              f"- Throughput: {_fmt(prof.get('throughput_per_s'), ',.1f')} samples/s",
-             f"- Peak memory (RSS): {_fmt(prof.get('peak_rss_mb'), ',.1f')} MB"]
+             f"- Peak memory (RSS of a fresh process): {_fmt(prof.get('peak_rss_mb'), ',.1f')} MB, "
+             f"of which {_fmt(prof.get('model_mb'), ',.1f')} MB above the onnxruntime baseline (model + buffers)"]
     if "bytes" in prof:
         lines.append(f"- Model size: {_fmt(_mb(prof.get('bytes')), '.1f')} MB")
     ops = prof.get("top_ops") or []

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from compress.config import PassConfig
+from compress.passes._quiet import quiet_root_logger
 from compress.passes.selection import matching_nodes, validate_patterns
 from compress.registry import PassSpec
 from compress.state import ModelState
@@ -49,7 +50,8 @@ def run(state: ModelState, cfg: QuantInt4, ctx) -> ModelState:
                                         accuracy_level=cfg.accuracy_level)
     quant = MatMulNBitsQuantizer(model, block_size=cfg.block_size, is_symmetric=cfg.symmetric,
                                  accuracy_level=cfg.accuracy_level, nodes_to_exclude=excluded, algo_config=algo)
-    quant.process()
+    with quiet_root_logger():
+        quant.process()
     dst = ctx.workdir / "model.onnx"
     quant.model.save_model_to_file(str(dst), use_external_data_format=False)
     n = sum(1 for node in onnx.load(str(dst), load_external_data=False).graph.node if node.op_type == "MatMulNBits")
