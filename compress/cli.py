@@ -82,6 +82,7 @@ def run(
     max_length: int = typer.Option(128, "--max-length", min=8, max=8192, help="tokens per evaluation sample"),
     no_tasks: bool = typer.Option(False, "--no-tasks", help="skip the task metrics (Lee-50, polarity)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the model folder"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder or alias, for an .onnx model without one beside it"),
 ) -> None:
     """Run passes over a model and write the final model, report.json, report.md and report.png."""
     from compress import recipe as recipe_mod
@@ -98,7 +99,7 @@ def run(
         if recipe_file is None:
             console.print("no passes given: running the default recipe (export.onnx, optimize.ort, quant.int8, profile)")
     pipe.run(model, data, outdir, overwrite=overwrite, resume=resume, max_length=max_length, tasks=not no_tasks,
-             trust_remote_code=trust_remote_code, console=console)
+             trust_remote_code=trust_remote_code, tokenizer=tokenizer, console=console)
 
 
 @app.command("passes")

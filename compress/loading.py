@@ -51,8 +51,13 @@ def _is_module(obj: Any) -> bool:
 def load(spec: Any, info: ModelInfo, data: Any, tokenizer: Any = None, trust_remote_code: bool = False) -> ModelState:
     """The input becomes the teacher, untouched; the state's model is a copy passes may change."""
     source = type(spec).__name__ if _is_module(spec) else str(spec if spec is not None else models.DEFAULT_MODEL)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = models.load_tokenizer(Path(tokenizer))
     if info.form != "torch":
         tok = tokenizer or models.find_tokenizer(info.path)
+        if tok is None:
+            raise ModelLoadError(f"no tokenizer beside '{info.path}' to turn text into inputs: save the tokenizer "
+                                 "files next to it, or give --tokenizer FOLDER (a transformers tokenizer folder)")
         return ModelState(source=source, kind=info.kind, form=info.form, path=info.path, tokenizer=tok,
                           teacher=info.path, data=data, architecture=info.architecture)
     if _is_module(spec):

@@ -129,3 +129,14 @@ def onnx_kind(path: Path) -> str:
         return "encoder"
     shape = sess.get_outputs()[0].shape
     return "causal-lm" if len(shape) == 3 else "classifier"
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(str(folder)), local_files_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load a tokenizer from '{folder}': {exc}") from None

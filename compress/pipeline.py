@@ -113,12 +113,12 @@ class Pipeline:
         info = self.validate(model)
         text = data_mod.load(data if data is not None else self.data)
         settings = latency or self.latency_settings()
-        work = outdir.parent / f".{outdir.name}.partial"
+        with console.status(f"loading {model if model is not None else 'minilm'}"):
+            state = loading.load(model, info, text, tokenizer, trust_remote_code)
+        work = outdir.parent / f".{outdir.name}.partial"  # nothing is written before this point
         if work.exists() and not resume:
             shutil.rmtree(work)
         (work / "stages").mkdir(parents=True, exist_ok=True)
-        with console.status(f"loading {model if model is not None else 'minilm'}"):
-            state = loading.load(model, info, text, tokenizer, trust_remote_code)
         key = _hash({"input": stages.identity(model, info), "data": text.summary(), "max_length": max_length,
                      "latency": settings.as_dict(), "tasks": tasks})
         state = self._run_stages(state, key, work, settings, max_length, tasks, console)

@@ -152,3 +152,27 @@ def test_cli_profile_prints_latency_and_top_ops(tiny_onnx):
     result = json.loads(out)
     assert result["latency_ms"]["p50"] > 0 and result["top_ops"]
     assert result["inputs"].startswith("real text")
+
+
+def test_cli_onnx_without_tokenizer_asks_for_one(tiny_onnx, tmp_path):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(tiny_onnx, lone / "model.onnx")
+
+    code, out = _run("run", str(lone / "model.onnx"), "--pass", "quant.int8", "-o", str(tmp_path / "o"))
+
+    assert code == 2
+    assert "no tokenizer beside" in out and "--tokenizer" in out
+    assert _tree(tmp_path) == ["lone", "lone/model.onnx"]
+
+
+def test_cli_onnx_with_tokenizer_option_runs(tiny_onnx, tiny_bert, text_file, tmp_path):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(tiny_onnx, lone / "model.onnx")
+
+    code, out = _run("run", str(lone / "model.onnx"), "--tokenizer", str(tiny_bert), "--data", str(text_file),
+                     "--pass", "quant.int8", "--no-tasks", "-o", str(tmp_path / "o"))
+
+    assert code == 0, out
+    assert (tmp_path / "o" / "tokenizer.json").is_file()
