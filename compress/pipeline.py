@@ -77,6 +77,8 @@ class Pipeline:
             raise ConfigError(self.problems, source)
         self.entries = entries
         self.configs: list[PassConfig] = [c for c in entries if c is not None]
+        self.model: Any = None  # defaults a recipe may carry; run() arguments take precedence
+        self.data: Any = None
 
     @classmethod
     def from_recipe(cls, path: str | Path) -> "Pipeline":
@@ -84,9 +86,6 @@ class Pipeline:
         pipe = cls(doc["passes"], defer_errors=True, source=str(path))
         pipe.model, pipe.data = doc["model"], doc["data"]
         return pipe
-
-    model: Any = None  # defaults a recipe may carry
-    data: Any = None
 
     def validate(self, model: Any = None, has_data: bool = True) -> loading.ModelInfo:
         """Check everything that can be checked before work starts; raise one ConfigError."""
@@ -198,7 +197,10 @@ def _measure_or_inherit(state: ModelState, cfg: PassConfig | None, ref: Referenc
 
         started: list[str] = []
 
-        return measure(state, ref, max_length, settings, tasks, step=advance)
+        rec = measure(state, ref, max_length, settings, tasks, step=advance)
+    if rec["params"] is None and state.history:  # an .ort file can't be read back as a graph; conversion keeps them
+        rec["params"] = state.history[-1]["params"]
+    return rec
 
 
 def _hash(obj: Any) -> str:

@@ -170,12 +170,11 @@ def _panel(ax: Any, stages: list[dict], xfn: Any, xlabel: str, fkey: str, flabel
     ax.scatter(xs, ys, zorder=2)
     xspan, yspan = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     labels: dict[tuple[int, int], tuple[float, float, list[str]]] = {}
-    for x, y, s in pts:  # stages within 1% of both axes of each other share one label
-        cell = (round((x - min(xs)) / xspan * 100), round((y - min(ys)) / yspan * 100))
-        labels.setdefault(cell, (x, y, []))[2].append(f"{s.get('index', '?')} {s.get('name', '?')}")
+    for x, y, s in pts:  # stages within 5% of both axes of each other share one label: "1,2"
+        cell = (round((x - min(xs)) / xspan * 20), round((y - min(ys)) / yspan * 20))
+        labels.setdefault(cell, (x, y, []))[2].append(str(s.get("index", "?")))
     for x, y, names in labels.values():
-        ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8, va="bottom")
+        ax.annotate(",".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9, va="bottom")
 
 
 def write_plot(report: dict, path: Path) -> None:
@@ -192,7 +191,9 @@ def write_plot(report: dict, path: Path) -> None:
     _panel(lat_ax, stages, lambda s: (s.get("latency_ms") or {}).get("p50"), "latency p50 (ms)",
            fkey, flabel)
     fig.suptitle(f"{report.get('model', '?')} ({report.get('kind', '?')})")
-    fig.tight_layout()
+    legend = "   ".join(f"{s.get('index', '?')}: {s.get('name', '?')}" for s in stages)
+    fig.text(0.5, 0.01, legend, ha="center", va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(Path(path), format="png")
 
 
