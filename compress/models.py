@@ -78,8 +78,11 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
         raise ModelLoadError(f"'{folder}' has a config.json but no weights (*.safetensors / *.bin)")
     # Eager attention: ORT's transformer optimizer fuses Attention only for eager exports (STACK.md).
     try:
-        model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
-                                     trust_remote_code=trust_remote_code)
+        if _has_pruned_bert_heads(config):
+            model = _load_pruned_bert(auto, folder, config)
+        else:
+            model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
+                                         trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - corrupt/truncated weights, unknown architecture
         raise ModelLoadError(f"cannot load the model in '{folder}': {type(exc).__name__}: {exc}") from None
     try:
@@ -140,3 +143,44 @@ def load_tokenizer(folder: Path) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a tokenizer from '{folder}': {exc}") from None
+
+
+def _has_pruned_bert_heads(config: Any) -> bool:
+    size = getattr(config, "attention_head_size", None)
+    return bool(size) and config.num_attention_heads * size != config.hidden_size
+
+
+def _load_pruned_bert(auto: Any, folder: Path, config: Any) -> Any:
+    """BERT computes its head size as hidden_size / num_attention_heads, so a BERT whose heads were
+    pruned (config: fewer heads, plus `attention_head_size`) can't be rebuilt by from_pretrained
+    alone: build it at full width, narrow every attention to the saved shapes, load the weights."""
+    import copy
+
+    from safetensors.torch import load_file
+    from torch import nn
+
+    full = copy.deepcopy(config)
+    full.num_attention_heads = config.hidden_size // config.attention_head_size
+    model = auto.from_config(full, attn_implementation="eager")
+    width = config.num_attention_heads * config.attention_head_size
+    for module in model.modules():
+        inner = getattr(module, "self", None)
+        if inner is not None and hasattr(inner, "attention_head_size") and hasattr(module, "output"):
+            for name in ("query", "key", "value"):
+                setattr(inner, name, nn.Linear(config.hidden_size, width))
+            inner.num_attention_heads, inner.all_head_size = config.num_attention_heads, width
+            module.output.dense = nn.Linear(width, config.hidden_size)
+    # the built model's config (attention implementation set) becomes the pruned one
+    model.config.num_attention_heads = config.num_attention_heads
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"'{folder}': a head-pruned BERT must be saved as safetensors")
+    state = {k: v for f in files for k, v in load_file(str(f)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing and all(k.split(".")[-3] == "pooler" for k in missing) and hasattr(model.base_model, "pooler"):
+        model.base_model.pooler, missing = None, []  # saved without a pooler (add_pooling_layer=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"'{folder}': weights do not fit the pruned config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    return model

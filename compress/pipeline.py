@@ -36,6 +36,7 @@ class PassContext:
     max_length: int
     latency: LatencySettings
     console: Console
+    resume: bool = False  # a training pass may continue from its checkpoint in `workdir`
     notes: dict = field(default_factory=dict)  # merged into this stage's report record
 
 
@@ -120,7 +121,7 @@ class Pipeline:
         (work / "stages").mkdir(parents=True, exist_ok=True)
         key = _hash({"input": stages.identity(model, info), "data": text.summary(), "max_length": max_length,
                      "latency": settings.as_dict(), "tasks": tasks})
-        state = self._run_stages(state, key, work, settings, max_length, tasks, console)
+        state = self._run_stages(state, key, work, settings, max_length, tasks, console, resume)
         rep = self._finish(state, work, settings)
         stages.publish(work, outdir, overwrite)
         console.print(report.summary_table(rep))
@@ -128,7 +129,7 @@ class Pipeline:
         return Result(outdir, rep, state)
 
     def _run_stages(self, state: ModelState, key: str, work: Path, settings: LatencySettings, max_length: int,
-                    tasks: bool, console: Console) -> ModelState:
+                    tasks: bool, console: Console, resume: bool) -> ModelState:
         ref = None
         n = len(self.configs)
         for index, cfg in enumerate([None, *self.configs]):
@@ -140,9 +141,10 @@ class Pipeline:
                 state = cached
                 console.print(f"[dim][{index}/{n}] {name}: cached, resumed[/dim]")
                 continue
-            shutil.rmtree(sdir, ignore_errors=True)
-            sdir.mkdir(parents=True)
-            ctx = PassContext(sdir, index, max_length, settings, console)
+            if not resume:  # on resume, keep what an interrupted pass left (its training checkpoint)
+                shutil.rmtree(sdir, ignore_errors=True)
+            sdir.mkdir(parents=True, exist_ok=True)
+            ctx = PassContext(sdir, index, max_length, settings, console, resume=resume)
             t0 = time.perf_counter()
             if cfg is not None:
                 console.print(f"[bold][{index}/{n}] {cfg.describe()}[/bold]")

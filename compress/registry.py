@@ -21,6 +21,7 @@ _MODULES: dict[str, str] = {
     "quant.int8": "compress.passes.quant_int8",
     "quant.int4": "compress.passes.quant_int4",
     "profile": "compress.passes.profile",
+    "prune.homodistil": "compress.passes.prune_homodistil",
 }
 
 

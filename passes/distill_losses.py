@@ -1,0 +1,107 @@
+"""Distillation losses shared by prune.homodistil and distill.kd.
+
+- output: encoder -> 1 - cosine (or MSE) of mean-pooled sentence embeddings; classifier / causal LM
+  -> T^2 * KL(softmax(t/T) || softmax(s/T)) over real (unpadded) positions (Hinton et al. 2015);
+- hidden: MSE between each student layer's hidden states and the same teacher layer's, divided by
+  the teacher's mean square so the weight means the same across models (TinyBERT, arXiv 1909.10351);
+- attention: MSE of attention probabilities of the heads the student still has;
+- TAID (arXiv 2501.16937): the target moves from the student's own (detached) output towards the
+  teacher's as `t` rises, p_t = softmax((1-t) sg(z_s) + t z_T), loss -sum p_t log q_s."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    output: float = 1.0
+    hidden: float = 1.0
+    attention: float = 0.0
+    temperature: float = 2.0
+    encoder_output: str = "cosine"  # or "mse"
+
+
+def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def output_loss(kind: str, s_out, t_out, mask: torch.Tensor, w: LossWeights, taid_t: float | None = None) -> torch.Tensor:
+    if kind == "encoder":
+        s_emb = pooled(s_out.last_hidden_state, mask)
+        t_emb = pooled(t_out.last_hidden_state, mask)
+        if taid_t is not None:  # interpolated target between the student's own embedding and the teacher's
+            t_emb = (1 - taid_t) * s_emb.detach() + taid_t * t_emb
+        if w.encoder_output == "mse":
+            return F.mse_loss(F.normalize(s_emb, dim=-1), F.normalize(t_emb, dim=-1)) * s_emb.shape[-1]
+        return (1 - F.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
+    s_logits, t_logits = s_out.logits.float(), t_out.logits.float()
+    if taid_t is not None:
+        target = F.softmax((1 - taid_t) * s_logits.detach() + taid_t * t_logits, dim=-1)
+        per = -(target * F.log_softmax(s_logits, dim=-1)).sum(-1)
+    else:
+        T = w.temperature
+        per = F.kl_div(F.log_softmax(s_logits / T, dim=-1), F.log_softmax(t_logits / T, dim=-1),
+                       log_target=True, reduction="none").sum(-1) * T * T
+    if per.dim() == 2:  # causal LM: (batch, seq), average over real tokens
+        keep = mask.to(per.dtype)
+        return (per * keep).sum() / keep.sum().clamp(min=1)
+    return per.mean()
+
+
+def hidden_loss(s_out, t_out, mask: torch.Tensor) -> torch.Tensor:
+    keep = mask.unsqueeze(-1).to(torch.float32)
+    losses = []
+    for s_h, t_h in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]):
+        diff = ((s_h - t_h) ** 2 * keep).sum() / (keep.sum() * s_h.shape[-1])
+        scale = ((t_h ** 2) * keep).sum() / (keep.sum() * t_h.shape[-1])
+        losses.append(diff / scale.clamp(min=1e-6))
+    return torch.stack(losses).mean()
+
+
+def attention_loss(s_out, t_out, head_keep: list[torch.Tensor] | None) -> torch.Tensor:
+    losses = []
+    for i, (s_a, t_a) in enumerate(zip(s_out.attentions, t_out.attentions)):  # (batch, heads, seq, seq)
+        if head_keep is not None:
+            s_a, t_a = s_a[:, head_keep[i]], t_a[:, head_keep[i]]
+        losses.append(F.mse_loss(s_a, t_a) * s_a.shape[-1])
+    return torch.stack(losses).mean()
+
+
+def distill_loss(kind: str, s_out, t_out, mask: torch.Tensor, w: LossWeights,
+                 head_keep: list[torch.Tensor] | None = None, taid_t: float | None = None) -> tuple[torch.Tensor, dict]:
+    parts = {"output": output_loss(kind, s_out, t_out, mask, w, taid_t)}
+    if w.hidden > 0:
+        parts["hidden"] = hidden_loss(s_out, t_out, mask)
+    if w.attention > 0:
+        parts["attention"] = attention_loss(s_out, t_out, head_keep)
+    weights = {"output": w.output, "hidden": w.hidden, "attention": w.attention}
+    total = sum(weights[k] * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+class Taid:
+    """TAID's interpolation weight: rises linearly from `start` to 1 over training, and faster
+    when the loss improves quickly (relative improvement of its moving average)."""
+
+    def __init__(self, start: float = 0.4, momentum: float = 0.9, beta: float = 0.5):
+        self.t, self.start, self.momentum, self.beta = start, start, momentum, beta
+        self.avg: float | None = None
+
+    def update(self, loss: float, progress: float) -> float:
+        prev = self.avg
+        self.avg = loss if prev is None else self.momentum * prev + (1 - self.momentum) * loss
+        if prev:
+            improvement = max(0.0, (prev - self.avg) / prev)
+            self.t = min(1.0, self.t + (1 - self.t) * self.beta * improvement)
+        self.t = max(self.t, self.start + (1 - self.start) * progress)
+        return self.t
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "avg": self.avg}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t, self.avg = state["t"], state["avg"]

@@ -1,0 +1,239 @@
+"""Per-family description of what structured pruning may remove, and the surgery that removes it.
+
+A unit of attention is one key/value head with the query heads that share it (GQA-consistent: a
+Llama layer with 9 query / 3 kv heads has 3 units of 3 query heads; a BERT layer with 12 heads has
+12 units of 1). A unit of the FFN is one intermediate neuron (row of up/gate, column of down).
+While training, pruned units are zeroed (`apply_masks`), which computes exactly what the sliced
+model computes; at the end `slice_model` cuts the rows/columns away for real and updates the config,
+with the same count in every layer so the result is a regular architecture."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    layers: str  # ModuleList under the base model
+    q: str
+    k: str
+    v: str
+    o: str
+    up: str
+    down: str
+    gate: str | None = None
+
+
+FAMILIES = (
+    Family("bert", ("bert", "roberta", "xlm-roberta", "camembert", "electra"), "encoder.layer",
+           "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+           "intermediate.dense", "output.dense"),
+    Family("llama", ("llama", "qwen2", "mistral"), "layers", "self_attn.q_proj", "self_attn.k_proj",
+           "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj", gate="mlp.gate_proj"),
+)
+SUPPORTED = sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def family_of(config: Any) -> Family:
+    model_type = getattr(config, "model_type", "?")
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    raise UserError(f"structured pruning does not support model_type '{model_type}': supported are "
+                    f"{', '.join(SUPPORTED)} (use prune.structured for other architectures)")
+
+
+def check_supported(info: Any) -> list[str]:
+    """Validation before any work: the input must be a torch model of a supported family."""
+    if info.path is None or info.form != "torch":
+        return []
+    from compress.models import read_hf_config
+
+    try:
+        family_of(read_hf_config(info.path))
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
+@dataclass(frozen=True)
+class Geometry:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+
+    @property
+    def group(self) -> int:  # query heads per kv head
+        return self.heads // self.kv_heads
+
+    @classmethod
+    def of(cls, config: Any) -> "Geometry":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "attention_head_size", None) or getattr(config, "head_dim", None) \
+            or config.hidden_size // heads
+        return cls(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim, config.intermediate_size)
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def layers(model: nn.Module, fam: Family) -> list[nn.Module]:
+    return list(_get(model.base_model, fam.layers))
+
+
+def linears(layer: nn.Module, fam: Family) -> dict[str, nn.Linear]:
+    names = {"q": fam.q, "k": fam.k, "v": fam.v, "o": fam.o, "up": fam.up, "down": fam.down}
+    if fam.gate:
+        names["gate"] = fam.gate
+    return {key: _get(layer, path) for key, path in names.items()}
+
+
+def head_index(geo: Geometry, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of q (and columns of o), rows of k/v, for the kept units (a bool mask over kv heads)."""
+    units = torch.nonzero(keep_units).flatten()
+    hd, g = geo.head_dim, geo.group
+    q_rows = torch.cat([torch.arange(u * g * hd, (u + 1) * g * hd) for u in units.tolist()] or [torch.empty(0, dtype=torch.long)])
+    kv_rows = torch.cat([torch.arange(u * hd, (u + 1) * hd) for u in units.tolist()] or [torch.empty(0, dtype=torch.long)])
+    return q_rows, kv_rows
+
+
+@dataclass
+class Masks:
+    heads: list[torch.Tensor]  # per layer, bool (kv_heads,)
+    ffn: list[torch.Tensor]  # per layer, bool (ffn,)
+
+    @classmethod
+    def full(cls, geo: Geometry) -> "Masks":
+        return cls([torch.ones(geo.kv_heads, dtype=torch.bool) for _ in range(geo.layers)],
+                   [torch.ones(geo.ffn, dtype=torch.bool) for _ in range(geo.layers)])
+
+    def state(self) -> dict:
+        return {"heads": [m.clone() for m in self.heads], "ffn": [m.clone() for m in self.ffn]}
+
+
+def _zero_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
+    lin.weight[rows] = 0
+    if lin.bias is not None:
+        lin.bias[rows] = 0
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, fam: Family, geo: Geometry, masks: Masks) -> None:
+    """Zero every pruned unit's parameters: output identical to the sliced model."""
+    for layer, hm, fm in zip(layers(model, fam), masks.heads, masks.ffn):
+        lin = linears(layer, fam)
+        q_rows, kv_rows = head_index(geo, ~hm)
+        for key, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            _zero_rows(lin[key], rows)
+        lin["o"].weight[:, q_rows] = 0
+        drop = torch.nonzero(~fm).flatten()
+        for key in ("up", "gate"):
+            if key in lin:
+                _zero_rows(lin[key], drop)
+        lin["down"].weight[:, drop] = 0
+
+
+def unit_scores(model: nn.Module, fam: Family, geo: Geometry, score: dict[int, torch.Tensor]) -> tuple[list, list]:
+    """Sum per-element scores (keyed by id(parameter)) into per-unit scores, per layer."""
+    heads, ffn = [], []
+    for layer in layers(model, fam):
+        lin = linears(layer, fam)
+
+        def s(p: torch.Tensor | None) -> torch.Tensor | None:
+            return None if p is None else score.get(id(p))
+
+        hd, g = geo.head_dim, geo.group
+        h = torch.zeros(geo.kv_heads)
+        for key, per in (("q", g * hd), ("k", hd), ("v", hd)):
+            for p in (lin[key].weight, lin[key].bias):
+                if s(p) is not None:
+                    h += s(p).reshape(geo.kv_heads, per, -1).sum(dim=(1, 2))
+        h += s(lin["o"].weight).reshape(-1, geo.kv_heads, g * hd).sum(dim=(0, 2))
+        f = s(lin["down"].weight).sum(0).clone()
+        for key in ("up", "gate"):
+            if key in lin:
+                f += s(lin[key].weight).sum(1)
+                if s(lin[key].bias) is not None:
+                    f += s(lin[key].bias)
+        heads.append(h)
+        ffn.append(f)
+    return heads, ffn
+
+
+def top_masks(heads: list[torch.Tensor], ffn: list[torch.Tensor], keep_heads: int, keep_ffn: int,
+              previous: Masks | None = None) -> Masks:
+    """Keep the `keep_*` best units in every layer; units pruned before stay pruned."""
+    def pick(scores: torch.Tensor, k: int, prev: torch.Tensor | None) -> torch.Tensor:
+        scores = scores.clone().float()
+        if prev is not None:
+            scores[~prev] = -float("inf")
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask[torch.topk(scores, k).indices] = True
+        return mask
+
+    return Masks([pick(h, keep_heads, previous.heads[i] if previous else None) for i, h in enumerate(heads)],
+                 [pick(f, keep_ffn, previous.ffn[i] if previous else None) for i, f in enumerate(ffn)])
+
+
+def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.data
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    b = lin.bias
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
+    new.weight.data = w.clone()
+    if b is not None:
+        new.bias.data = (b.data[rows] if rows is not None else b.data).clone()
+    return new
+
+
+def _set(layer: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(layer, parent) if parent else layer, name, module)
+
+
+@torch.no_grad()
+def slice_model(model: nn.Module, fam: Family, geo: Geometry, masks: Masks) -> dict:
+    """Cut pruned rows/columns away for real and update module attributes and the config."""
+    kept_units = int(masks.heads[0].sum())
+    kept_ffn = int(masks.ffn[0].sum())
+    if any(int(m.sum()) != kept_units for m in masks.heads) or any(int(m.sum()) != kept_ffn for m in masks.ffn):
+        raise ValueError("every layer must keep the same number of units for a regular architecture")
+    for layer, hm, fm in zip(layers(model, fam), masks.heads, masks.ffn):
+        lin = linears(layer, fam)
+        q_rows, kv_rows = head_index(geo, hm)
+        keep = torch.nonzero(fm).flatten()
+        _set(layer, fam.q, _sliced(lin["q"], rows=q_rows))
+        _set(layer, fam.k, _sliced(lin["k"], rows=kv_rows))
+        _set(layer, fam.v, _sliced(lin["v"], rows=kv_rows))
+        _set(layer, fam.o, _sliced(lin["o"], cols=q_rows))
+        _set(layer, fam.up, _sliced(lin["up"], rows=keep))
+        if fam.gate:
+            _set(layer, fam.gate, _sliced(lin["gate"], rows=keep))
+        _set(layer, fam.down, _sliced(lin["down"], cols=keep))
+        attn = _get(layer, fam.q.rpartition(".")[0])
+        if hasattr(attn, "all_head_size"):  # BERT self-attention keeps these as attributes
+            attn.num_attention_heads = kept_units * geo.group
+            attn.all_head_size = kept_units * geo.group * geo.head_dim
+    cfg = model.config
+    cfg.num_attention_heads = kept_units * geo.group
+    cfg.intermediate_size = kept_ffn
+    if fam.name == "llama":
+        cfg.num_key_value_heads = kept_units
+        cfg.head_dim = geo.head_dim
+    elif cfg.num_attention_heads * geo.head_dim != cfg.hidden_size:
+        cfg.attention_head_size = geo.head_dim  # BERT derives it from hidden_size: see compress.models
+    return {"heads": cfg.num_attention_heads, "kv_heads": kept_units, "ffn": kept_ffn}

@@ -1,0 +1,171 @@
+"""prune.homodistil: iterative structured pruning while distilling from the original model.
+
+HomoDistil ("Homotopic Distillation for Pre-trained Transformer Compression", Liang et al., ICLR
+2023, arXiv 2302.09632). The student starts as an exact copy of the teacher; it trains with
+distillation losses while a few units are pruned at a time, so the teacher-student gap stays small
+all along. Importance is PLATON's (arXiv 2206.12562): sensitivity |theta * grad| smoothed by an
+exponential moving average (beta1) times its uncertainty (beta2), summed over each unit's
+parameters. The kept fraction follows a cubic schedule from 1 to the target between a warm-up and
+a final phase, masks are refreshed every `mask_every` steps, and at the end the pruned rows and
+columns are sliced away for real (a smaller, regular architecture that reloads with transformers'
+own classes; see prunable.py). When to use: BERT-family encoders and Llama-family decoders that
+must become smaller and faster while keeping what they know; `prune.structured` is the one-shot
+baseline and the route for other architectures."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+
+import torch
+from pydantic import Field, model_validator
+
+from compress.config import PassConfig
+from compress.passes import prunable
+from compress.passes.distill_losses import LossWeights
+from compress.passes.trainer import Callbacks, TrainSettings, tokenized, train
+from compress.registry import PassSpec
+from compress.state import ModelState
+
+
+class TrainingFields(PassConfig):
+    """Fields shared with distill.kd (a base config, not a pass)."""
+
+    steps: int = Field(600, ge=1, le=1_000_000, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, le=4096, description="samples per step (split across processes under accelerate)")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="peak AdamW learning rate")
+    warmup: float = Field(0.06, ge=0, lt=1, description="fraction of steps of linear learning-rate warm-up")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay (matrices only)")
+    max_grad_norm: float = Field(1.0, gt=0, le=1000, description="gradient clipping norm")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per training sample")
+    seed: int = Field(0, ge=0, description="seed for initialisation order and batch order")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (resume after interruption)")
+    w_output: float = Field(1.0, ge=0, le=1000, description="weight of the output loss (embedding cosine / logit KL)")
+    w_hidden: float = Field(1.0, ge=0, le=1000, description="weight of the per-layer hidden-state MSE")
+    w_attention: float = Field(0.0, ge=0, le=1000, description="weight of the attention-map MSE (needs eager attention)")
+    temperature: float = Field(2.0, gt=0, le=100, description="softmax temperature of the logit KL")
+
+    def settings(self) -> TrainSettings:
+        return TrainSettings(self.steps, self.batch_size, self.lr, self.warmup, self.weight_decay,
+                             self.max_grad_norm, self.seed, self.checkpoint_every)
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.w_output, self.w_hidden, self.w_attention, self.temperature)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class HomoDistil(TrainingFields):
+    pass_name = "prune.homodistil"
+    heads: float = Field(0.5, ge=0, lt=1, description="fraction of attention units (kv groups) to remove in every layer")
+    ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN neurons to remove in every layer")
+    mask_every: int = Field(10, ge=1, le=10000, description="steps between mask refreshes")
+    initial_warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps before pruning starts (t_i)")
+    final_phase: float = Field(0.3, ge=0, lt=1, description="fraction of steps at the target before the end (t_f)")
+    beta1: float = Field(0.85, gt=0, lt=1, description="PLATON sensitivity moving-average factor")
+    beta2: float = Field(0.95, gt=0, lt=1, description="PLATON uncertainty moving-average factor")
+
+    @model_validator(mode="after")
+    def _phases(self) -> "HomoDistil":
+        if self.initial_warmup + self.final_phase >= 1:
+            raise ValueError(f"initial_warmup + final_phase must be < 1 (got {self.initial_warmup} + {self.final_phase})")
+        if self.heads == 0 and self.ffn == 0:
+            raise ValueError("nothing to prune: set heads and/or ffn above 0")
+        return self
+
+
+def remaining(step: int, total: int, target: float, t_i: int, t_f: int) -> float:
+    """Cubic schedule: 1 until t_i, then r_T + (1 - r_T)(1 - (t - t_i)/(T - t_i - t_f))^3, r_T at the end."""
+    if step < t_i:
+        return 1.0
+    span = max(1, total - t_i - t_f)
+    progress = min(1.0, (step - t_i) / span)
+    return target + (1 - target) * (1 - progress) ** 3
+
+
+class Platon(Callbacks):
+    """PLATON importance of every prunable parameter, and the masks it implies over time."""
+
+    def __init__(self, model: torch.nn.Module, cfg: HomoDistil, fam: prunable.Family, geo: prunable.Geometry):
+        self.cfg, self.fam, self.geo = cfg, fam, geo
+        self.masks = prunable.Masks.full(geo)
+        self.names = self._prunable_names(model)
+        self.ibar: dict[str, torch.Tensor] = {}
+        self.ubar: dict[str, torch.Tensor] = {}
+        self.t_i = int(cfg.steps * cfg.initial_warmup)
+        self.t_f = int(cfg.steps * cfg.final_phase)
+
+    def _prunable_names(self, model: torch.nn.Module) -> list[str]:
+        wanted = {id(p) for layer in prunable.layers(model, self.fam)
+                  for lin in prunable.linears(layer, self.fam).values() for p in lin.parameters()}
+        return [n for n, p in model.named_parameters() if id(p) in wanted]
+
+    def after_backward(self, step: int, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        with torch.no_grad():
+            for name in self.names:
+                p = params[name]
+                if p.grad is None:
+                    continue
+                sens = (p * p.grad).abs()
+                if name not in self.ibar:
+                    self.ibar[name], self.ubar[name] = sens.clone(), torch.zeros_like(sens)
+                else:
+                    self.ibar[name].mul_(b1).add_(sens, alpha=1 - b1)
+                    self.ubar[name].mul_(b2).add_((sens - self.ibar[name]).abs(), alpha=1 - b2)
+
+    def keep_counts(self, step: int) -> tuple[int, int]:
+        r_h = remaining(step, self.cfg.steps, 1 - self.cfg.heads, self.t_i, self.t_f)
+        r_f = remaining(step, self.cfg.steps, 1 - self.cfg.ffn, self.t_i, self.t_f)
+        return max(1, math.ceil(self.geo.kv_heads * r_h)), max(1, math.ceil(self.geo.ffn * r_f))
+
+    def after_step(self, step: int, model: torch.nn.Module) -> None:
+        if step >= self.t_i and (step % self.cfg.mask_every == 0 or step == self.cfg.steps - 1) and self.ibar:
+            params = dict(model.named_parameters())
+            scores = {id(params[n]): self.ibar[n] * self.ubar[n] for n in self.ibar}
+            heads, ffn = prunable.unit_scores(model, self.fam, self.geo, scores)
+            self.masks = prunable.top_masks(heads, ffn, *self.keep_counts(step), previous=self.masks)
+        prunable.apply_masks(model, self.fam, self.geo, self.masks)
+
+    def head_keep(self) -> list[torch.Tensor]:
+        return [m.repeat_interleave(self.geo.group) for m in self.masks.heads]
+
+    def describe(self) -> str:
+        return f" heads {int(self.masks.heads[0].sum())}/{self.geo.kv_heads} ffn {int(self.masks.ffn[0].sum())}/{self.geo.ffn}"
+
+    def state_dict(self) -> dict:
+        return {"masks": self.masks.state(), "ibar": self.ibar, "ubar": self.ubar}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks = prunable.Masks(state["masks"]["heads"], state["masks"]["ffn"])
+        self.ibar, self.ubar = state["ibar"], state["ubar"]
+
+
+def _check_targets(cfg: HomoDistil, geo: prunable.Geometry) -> None:
+    if math.ceil(geo.kv_heads * (1 - cfg.heads)) < 1 or math.ceil(geo.ffn * (1 - cfg.ffn)) < 1:
+        raise ValueError("targets would remove every unit of a layer")
+
+
+def run(state: ModelState, cfg: HomoDistil, ctx) -> ModelState:
+    student = copy.deepcopy(state.model)
+    fam, geo = prunable.family_of(student.config), prunable.Geometry.of(student.config)
+    _check_targets(cfg, geo)
+    before = sum(p.numel() for p in student.parameters())
+    callbacks = Platon(student, cfg, fam, geo)
+    data = tokenized(state.tokenizer, state.data.train, cfg.max_length)  # training part only, never held-out
+    stats = train(student, state.teacher, state.kind, data, cfg.settings(), cfg.loss_weights(), ctx.workdir, cfg.key(),
+                  ctx.console, callbacks, resume=ctx.resume, label="homodistil")
+    shape = prunable.slice_model(student, fam, geo, callbacks.masks)
+    (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)
+    after = sum(p.numel() for p in student.parameters())
+    ctx.notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
+                            "after": {**shape, "params": after}, "train": stats}
+    return state.with_torch(student.eval())
+
+
+PASS = PassSpec(name="prune.homodistil", config=HomoDistil, run=run, takes=("torch",), gives="torch",
+                needs_data=lambda cfg: True, check=lambda cfg, info: prunable.check_supported(info),
+                summary="Iterative structured pruning of heads and FFN neurons while distilling from the input model (HomoDistil).")

@@ -1,0 +1,156 @@
+"""The training loop behind prune.homodistil and distill.kd: a student learns from a frozen teacher.
+
+AdamW, linear warm-up then linear decay, gradient clipping, fixed seeds, a progress bar with the
+loss, a checkpoint every N steps (atomic, loaded with weights_only=True) and resume from it after an
+interruption. Batches are a deterministic function of (seed, step), so a resumed run sees the same
+data as an uninterrupted one. It runs unchanged under `accelerate launch`: each process takes its
+share of every batch and gradients are averaged across processes."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from compress.passes.distill_losses import LossWeights, Taid, distill_loss
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: float  # fraction of steps
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    checkpoint_every: int
+
+
+class Callbacks:
+    """Hooks a pass plugs into the loop (pruning does; plain distillation doesn't)."""
+
+    def after_backward(self, step: int, model: torch.nn.Module) -> None: ...
+
+    def after_step(self, step: int, model: torch.nn.Module) -> None: ...
+
+    def head_keep(self) -> list[torch.Tensor] | None:
+        return None
+
+    def describe(self) -> str:
+        return ""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Rows of step `step`: epoch e is a seeded permutation; each process takes every world-th row."""
+    bs = min(batch_size, n)
+    per_epoch = n // bs
+    epoch, b = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[b * bs:(b + 1) * bs][rank::world]
+
+
+def _schedule(settings: TrainSettings):
+    warm = max(1, int(settings.steps * settings.warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (settings.steps - step) / max(1, settings.steps - warm))
+
+    return factor
+
+
+def _save(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def _forward(model: torch.nn.Module, batch: dict, kind: str, attentions: bool):
+    kwargs = {"output_hidden_states": True, "output_attentions": attentions}
+    if kind == "causal-lm":
+        kwargs["use_cache"] = False
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+
+
+def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: dict[str, torch.Tensor],
+          settings: TrainSettings, weights: LossWeights, workdir: Path, key: str, console: Console,
+          callbacks: Callbacks | None = None, taid: Taid | None = None, resume: bool = False, label: str = "training") -> dict:
+    """Train `student` in place against `teacher` on `data` (tokenized: input_ids, attention_mask)."""
+    from accelerate import Accelerator
+
+    callbacks = callbacks or Callbacks()
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(settings.seed)
+    teacher = teacher.to(acc.device).eval()
+    student.train()
+    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
+    model, opt, sched = acc.prepare(student, opt, sched)
+    ckpt = workdir / "checkpoint.pt"
+    start = 0
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state.get("key") == key:
+            acc.unwrap_model(model).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            callbacks.load_state_dict(state["callbacks"])
+            if taid is not None:
+                taid.load_state_dict(state["taid"])
+            start = state["step"] + 1
+            console.print(f"    resumed {label} from the checkpoint of step {state['step'] + 1}/{settings.steps}")
+    n = data["input_ids"].shape[0]
+    t0, avg, parts = time.perf_counter(), None, {}
+    columns = (TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not acc.is_main_process, transient=False) as bar:
+        task = bar.add_task(label, total=settings.steps, completed=start, info="")
+        for step in range(start, settings.steps):
+            idx = batch_indices(step, n, settings.batch_size, settings.seed, acc.process_index, acc.num_processes)
+            batch = {k: v[idx].to(acc.device) for k, v in data.items()}
+            with torch.no_grad():
+                t_out = _forward(teacher, batch, kind, weights.attention > 0)
+            s_out = _forward(model, batch, kind, weights.attention > 0)
+            t = taid.t if taid is not None else None
+            loss, parts = distill_loss(kind, s_out, t_out, batch["attention_mask"], weights, callbacks.head_keep(), t)
+            acc.backward(loss)
+            callbacks.after_backward(step, acc.unwrap_model(model))
+            acc.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            callbacks.after_step(step, acc.unwrap_model(model))
+            value = float(loss.detach())
+            avg = value if avg is None else 0.95 * avg + 0.05 * value
+            if taid is not None:
+                taid.update(value, (step + 1) / settings.steps)
+            extra = callbacks.describe() + (f" taid_t={taid.t:.2f}" if taid is not None else "")
+            bar.update(task, advance=1, info=f"loss {avg:.4f}{extra}")
+            if acc.is_main_process and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
+                _save(ckpt, {"key": key, "step": step, "model": acc.unwrap_model(model).state_dict(),
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "callbacks": callbacks.state_dict(), "taid": taid.state_dict() if taid else {}})
+            acc.wait_for_everyone()
+    student = acc.unwrap_model(model).eval()
+    return {"steps": settings.steps, "resumed_from": start, "final_loss": avg, "final_parts": parts,
+            "seconds": round(time.perf_counter() - t0, 1), "processes": acc.num_processes}
+
+
+def tokenized(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """All training texts, padded to `max_length` (fixed shapes keep step times even)."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
