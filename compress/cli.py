@@ -176,7 +176,7 @@ def profile(
     tokenizer = models.find_tokenizer(path)
     feed = real_feed(tokenizer, load("wiki").eval if tokenizer is not None else [], batch, seq)
     with tempfile.TemporaryDirectory() as tmp, console.status(f"profiling {path.name}"):
-        result = profile_file(path, models.onnx_kind(path), feed, settings, Path(tmp))
+        result = profile_file(path, models.onnx_signature(path)[0], feed, settings, Path(tmp))
     result["inputs"] = "real text (held-out wiki)" if tokenizer is not None else "random token ids (no tokenizer beside the model)"
     if as_json:
         typer.echo(json.dumps(result, indent=2))

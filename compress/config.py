@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Form = Literal["torch", "onnx"]
+Form = Literal["torch", "onnx", "ort"]
 
 
 class PassConfig(BaseModel):

@@ -37,6 +37,12 @@ class TextData:
     def summary(self) -> dict:
         return {"source": self.source, "train": len(self.train), "eval": len(self.eval)}
 
+    def fingerprint(self) -> str:
+        """Changes whenever any sample changes (the resume cache key uses it)."""
+        import hashlib
+
+        return hashlib.sha256("\x00".join(self.train + ["\x01"] + self.eval).encode()).hexdigest()[:16]
+
 
 def gensim_file(name: str) -> Path:
     from gensim.test.utils import datapath
@@ -86,13 +92,14 @@ def read_text_file(path: Path, text_field: str = "text") -> list[str]:
                 raise DataError(f"{path}:{i}: expected a JSON object with a '{text_field}' field ({exc})") from None
     else:
         texts = [ln.strip() for ln in raw if ln.strip()]
-    if len(texts) < 4:
-        raise DataError(f"{path} has {len(texts)} non-empty samples; need at least 4 (some to calibrate, some to evaluate)")
     return texts
 
 
 def split(texts: list[str], source: str, eval_fraction: float = 0.2, max_eval: int = 128, seed: int = 0) -> TextData:
     unique = list(dict.fromkeys(t for t in texts if t.strip()))
+    if len(unique) < 4:
+        raise DataError(f"{source} has {len(unique)} distinct non-empty samples; need at least 4 "
+                        "(some to calibrate or train on, some held out to evaluate)")
     random.Random(seed).shuffle(unique)
     n_eval = max(2, min(max_eval, int(round(len(unique) * eval_fraction))))
     return TextData(source=source, train=unique[n_eval:], eval=unique[:n_eval])

@@ -34,7 +34,12 @@ def describe(spec: Any) -> ModelInfo:
             raise ModelLoadError(f"'{path}' is a file of an unsupported type; give an .onnx / .ort file or a transformers folder")
         models.check_onnx(path)
         form: Form = "ort" if path.suffix == ".ort" else "onnx"
-        return ModelInfo(form, models.onnx_kind(path), "", path)
+        kind, inputs = models.onnx_signature(path)
+        unknown = [name for name in inputs if name not in runtime.SESSION_INPUTS]
+        if unknown:
+            raise ModelLoadError(f"'{path}' has graph inputs this tool can't feed: {unknown} (supported: "
+                                 f"{', '.join(runtime.SESSION_INPUTS)}); export the model with compress's export.onnx")
+        return ModelInfo(form, kind, "", path)
     cfg = models.read_hf_config(path)
     archs = getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "")]
     return ModelInfo("torch", models.kind_of(cfg), archs[0], path)
@@ -48,22 +53,26 @@ def _is_module(obj: Any) -> bool:
     return isinstance(obj, torch.nn.Module)
 
 
+def _require(tokenizer: Any, where: Any) -> Any:
+    if tokenizer is None:
+        raise ModelLoadError(f"no tokenizer beside '{where}' to turn text into inputs: save the tokenizer files "
+                             "next to it, or give --tokenizer FOLDER (a transformers tokenizer folder or alias)")
+    return tokenizer
+
+
 def load(spec: Any, info: ModelInfo, data: Any, tokenizer: Any = None, trust_remote_code: bool = False) -> ModelState:
     """The input becomes the teacher, untouched; the state's model is a copy passes may change."""
     source = type(spec).__name__ if _is_module(spec) else str(spec if spec is not None else models.DEFAULT_MODEL)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = models.load_tokenizer(Path(tokenizer))
     if info.form != "torch":
-        tok = tokenizer or models.find_tokenizer(info.path)
-        if tok is None:
-            raise ModelLoadError(f"no tokenizer beside '{info.path}' to turn text into inputs: save the tokenizer "
-                                 "files next to it, or give --tokenizer FOLDER (a transformers tokenizer folder)")
+        tok = _require(tokenizer or models.find_tokenizer(info.path), info.path)
         return ModelState(source=source, kind=info.kind, form=info.form, path=info.path, tokenizer=tok,
                           teacher=info.path, data=data, architecture=info.architecture)
-    if _is_module(spec):
-        teacher, tok, pooling = spec.eval(), tokenizer, "mean"
+    if _is_module(spec):  # the caller's module is left as it is (train/eval mode included)
+        teacher, tok, pooling = copy.deepcopy(spec).eval(), _require(tokenizer, "the given module"), "mean"
     else:
         teacher, tok, _ = models.load_hf(info.path, trust_remote_code)
-        tok, pooling = tokenizer or tok, runtime.pooling_of(info.path)
+        tok, pooling = _require(tokenizer or tok, info.path), runtime.pooling_of(info.path)
     return ModelState(source=source, kind=info.kind, form="torch", model=copy.deepcopy(teacher), tokenizer=tok,
                       teacher=teacher, data=data, architecture=info.architecture, meta={"pooling": pooling})

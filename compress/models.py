@@ -67,8 +67,7 @@ def read_hf_config(folder: Path) -> Any:
 
 def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
     """Returns (model in eval mode, tokenizer or None, kind)."""
-    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = read_hf_config(folder)
     kind = kind_of(config)
@@ -85,11 +84,7 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
                                          trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - corrupt/truncated weights, unknown architecture
         raise ModelLoadError(f"cannot load the model in '{folder}': {type(exc).__name__}: {exc}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception:  # noqa: BLE001 - a model without a tokenizer still runs on given ids
-        tokenizer = None
-    return model.eval(), tokenizer, kind
+    return model.eval(), tokenizer_in(folder), kind
 
 
 def check_onnx(path: Path) -> None:
@@ -111,27 +106,32 @@ def check_onnx(path: Path) -> None:
         raise ModelLoadError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): {first}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def tokenizer_in(folder: Path) -> Any:
+    """The tokenizer saved in `folder`, or None when it has no tokenizer files (transformers would
+    otherwise build an empty one that maps every word to [UNK])."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(folder)
+
+
 def find_tokenizer(path: Path) -> Any:
     """Tokenizer files next to an ONNX file (as our exports write them), else None."""
-    from transformers import AutoTokenizer
-
-    if (path.parent / "tokenizer.json").is_file() or (path.parent / "tokenizer_config.json").is_file():
-        try:
-            return AutoTokenizer.from_pretrained(path.parent, local_files_only=True)
-        except Exception:  # noqa: BLE001
-            return None
-    return None
+    return tokenizer_in(path.parent)
 
 
-def onnx_kind(path: Path) -> str:
+def onnx_signature(path: Path) -> tuple[str, list[str]]:
+    """(kind, input names) of an ONNX / ORT model, from one session."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outs = [o.name for o in sess.get_outputs()]
+    inputs = [i.name for i in sess.get_inputs()]
     if "sentence_embedding" in outs or "last_hidden_state" in outs:
-        return "encoder"
-    shape = sess.get_outputs()[0].shape
-    return "causal-lm" if len(shape) == 3 else "classifier"
+        return "encoder", inputs
+    return ("causal-lm" if len(sess.get_outputs()[0].shape) == 3 else "classifier"), inputs
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -36,6 +36,7 @@ class PassContext:
     max_length: int
     latency: LatencySettings
     console: Console
+    key: str = ""  # hash of (input, data, every config up to this pass): tags checkpoints
     resume: bool = False  # a training pass may continue from its checkpoint in `workdir`
     notes: dict = field(default_factory=dict)  # merged into this stage's report record
 
@@ -110,8 +111,10 @@ class Pipeline:
         if outdir.exists() and not overwrite:
             raise OutputExistsError(f"output directory '{outdir}' already exists: choose another -o, or pass --overwrite")
         model = model if model is not None else self.model
+        data_spec = data if data is not None else self.data
         info = self.validate(model)
-        text = data_mod.load(data if data is not None else self.data)
+        stages.check_outdir(outdir, [info.path, data_spec, self.source])
+        text = data_mod.load(data_spec)
         settings = latency or self.latency_settings()
         with console.status(f"loading {model if model is not None else 'minilm'}"):
             state = loading.load(model, info, text, tokenizer, trust_remote_code)
@@ -119,10 +122,11 @@ class Pipeline:
         if work.exists() and not resume:
             shutil.rmtree(work)
         (work / "stages").mkdir(parents=True, exist_ok=True)
-        key = _hash({"input": stages.identity(model, info), "data": text.summary(), "max_length": max_length,
-                     "latency": settings.as_dict(), "tasks": tasks})
+        key = _hash({"input": stages.identity(model, info), "data": text.fingerprint(), "max_length": max_length,
+                     "latency": settings.as_dict(), "tasks": tasks, "tokenizer": str(tokenizer),
+                     "trust_remote_code": trust_remote_code})
         state = self._run_stages(state, key, work, settings, max_length, tasks, console, resume)
-        rep = self._finish(state, work, settings)
+        rep = self._finish(state, work, settings, data_spec)
         stages.publish(work, outdir, overwrite)
         console.print(report.summary_table(rep))
         console.print(f"[green]done[/green]: {outdir}/ ({rep['final']['path']}, report.md, report.json, report.png)")
@@ -141,10 +145,8 @@ class Pipeline:
                 state = cached
                 console.print(f"[dim][{index}/{n}] {name}: cached, resumed[/dim]")
                 continue
-            if not resume:  # on resume, keep what an interrupted pass left (its training checkpoint)
-                shutil.rmtree(sdir, ignore_errors=True)
-            sdir.mkdir(parents=True, exist_ok=True)
-            ctx = PassContext(sdir, index, max_length, settings, console, resume=resume)
+            stages.prepare(sdir, key, keep=resume)  # on resume, an interrupted pass finds its checkpoint
+            ctx = PassContext(sdir, index, max_length, settings, console, key=key, resume=resume)
             t0 = time.perf_counter()
             if cfg is not None:
                 console.print(f"[bold][{index}/{n}] {cfg.describe()}[/bold]")
@@ -158,10 +160,10 @@ class Pipeline:
             console.print("    " + stages.one_line(rec))
         return state
 
-    def _finish(self, state: ModelState, work: Path, settings: LatencySettings) -> dict:
+    def _finish(self, state: ModelState, work: Path, settings: LatencySettings, data_spec: Any) -> dict:
         final = stages.write_final(state, work)
-        (work / "recipe.yaml").write_text(recipe.dump_recipe(self.configs, model=state.source,
-                                                             data=state.data.source if state.data else None))
+        data_text = str(Path(data_spec).resolve()) if data_spec not in (None, *data_mod.BUILTIN) else (data_spec or "wiki")
+        (work / "recipe.yaml").write_text(recipe.dump_recipe(self.configs, model=state.source, data=data_text))
         rep = {"model": state.source, "kind": state.kind, "architecture": state.architecture,
                "data": state.data.summary() if state.data else None,
                "settings": {"latency": settings.as_dict()}, "stages": list(state.history),

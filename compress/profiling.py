@@ -130,13 +130,24 @@ def peak_memory_mb(path: Path, feed_inputs: dict[str, np.ndarray], settings: Lat
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def external_files(path: Path) -> list[Path]:
+    """The external-data files an ONNX graph names in its initializers (none for .ort)."""
+    import onnx
+
+    if Path(path).suffix != ".onnx":
+        return []
+    model = onnx.load(str(path), load_external_data=False)
+    names = {entry.value for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+             for entry in init.external_data if entry.key == "location"}
+    return sorted(Path(path).parent / name for name in names)
+
+
 def file_bytes(path: Path) -> int:
     """Bytes on disk of a model file or folder, external-data files included."""
     path = Path(path)
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    extra = [p for p in path.parent.glob(path.name + "*.data")] + [p for p in path.parent.glob(path.stem + ".onnx_data")]
-    return path.stat().st_size + sum(p.stat().st_size for p in set(extra) if p != path)
+    return path.stat().st_size + sum(p.stat().st_size for p in external_files(path) if p.is_file())
 
 
 def profile_file(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings, workdir: Path) -> dict:

@@ -45,6 +45,10 @@ def collect(entries: list[Any]) -> tuple[list[PassConfig | None], list[str]]:
             continue
         name = entry["pass"]
         params = {k: v for k, v in entry.items() if k != "pass"}
+        bad_keys = [k for k in params if not isinstance(k, str)]
+        if bad_keys:
+            problems.append(f"{where} '{name}': parameter names must be text (got {bad_keys})")
+            continue
         try:
             configs[-1] = registry.get(name).config(**params)
         except UserError as exc:
@@ -86,7 +90,10 @@ def parse_cli_pass(text: str) -> dict:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError([f"--pass {text!r}: expected key=value after ':', got {item!r}"], "command line")
-        entry[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            entry[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"--pass {text!r}: cannot read the value of '{key.strip()}': {exc}"], "command line") from None
     return entry
 
 
@@ -96,9 +103,9 @@ def read_recipe(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not a valid UTF-8 YAML file: {exc}"], str(path)) from None
     if isinstance(doc, list):
         doc = {"passes": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("passes"), list):
@@ -106,6 +113,9 @@ def read_recipe(path: str | Path) -> dict:
     unknown = sorted(set(doc) - RECIPE_KEYS)
     if unknown:
         raise ConfigError([f"unknown top-level key(s) {unknown}; allowed: {sorted(RECIPE_KEYS)}"], str(path))
+    wrong = [k for k in ("model", "data") if doc.get(k) is not None and not isinstance(doc[k], str)]
+    if wrong:
+        raise ConfigError([f"'{k}' must be text: a path or a built-in name (got {doc[k]!r})" for k in wrong], str(path))
     return {"model": doc.get("model"), "data": doc.get("data"), "passes": doc["passes"]}
 
 

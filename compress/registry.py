@@ -62,3 +62,14 @@ def get(name: str) -> PassSpec:
 
 def spec_for(config: PassConfig) -> PassSpec:
     return get(config.pass_name)
+
+
+def config_class(class_name: str, package: str) -> type[PassConfig] | None:
+    """`from compress.passes import QuantInt8`: the config class of a registered pass in `package`."""
+    for name in names():
+        module_name = _MODULES[name]
+        if module_name.startswith(package + "."):
+            config = get(name).config
+            if config.__name__ == class_name:
+                return config
+    return None

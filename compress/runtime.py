@@ -18,8 +18,13 @@ def pooling_of(folder: Path | None) -> str:
     """sentence-transformers folders say how to pool in 1_Pooling/config.json; default mean."""
     cfg = folder / "1_Pooling" / "config.json" if folder else None
     if cfg is not None and cfg.is_file():
-        if json.loads(cfg.read_text()).get("pooling_mode_cls_token"):
-            return "cls"
+        try:
+            if json.loads(cfg.read_text()).get("pooling_mode_cls_token"):
+                return "cls"
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            from compress.errors import ModelLoadError
+
+            raise ModelLoadError(f"cannot read {cfg}: {exc}") from None
     return "mean"
 
 
@@ -74,6 +79,16 @@ def session(path: Path, threads: int | None = None, profile_prefix: str | None =
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def complete_feed(feed: dict[str, np.ndarray], inputs: list[str] | set[str]) -> dict[str, np.ndarray]:
+    """The graph's inputs from tokenizer output: extra keys dropped, token types / positions made."""
+    out = {k: v for k, v in feed.items() if k in inputs}
+    if "token_type_ids" in inputs and "token_type_ids" not in out:
+        out["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    if "position_ids" in inputs and "position_ids" not in out:
+        out["position_ids"] = np.broadcast_to(np.arange(feed["input_ids"].shape[1]), feed["input_ids"].shape).copy()
+    return out
+
+
 class OnnxRunner:
     def __init__(self, path: Path, kind: str, pooling: str = "mean", threads: int | None = None):
         self.sess = session(path, threads)
@@ -82,12 +97,7 @@ class OnnxRunner:
         self.outputs = [o.name for o in self.sess.get_outputs()]
 
     def feed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {k: v for k, v in feed.items() if k in self.inputs}
-        if "token_type_ids" in self.inputs and "token_type_ids" not in out:
-            out["token_type_ids"] = np.zeros_like(feed["input_ids"])
-        if "position_ids" in self.inputs and "position_ids" not in out:
-            out["position_ids"] = np.broadcast_to(np.arange(feed["input_ids"].shape[1]), feed["input_ids"].shape).copy()
-        return out
+        return complete_feed(feed, self.inputs)
 
     def raw(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.sess.run(None, self.feed(feed))))

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from compress import models
+from compress.errors import UserError
+from compress.profiling import external_files
 from compress.state import ModelState
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx", ".ort", ".data")
@@ -19,8 +21,33 @@ def identity(spec: Any, info: Any) -> dict:
     """What makes an input the same input: its path and the size/mtime of its weight files."""
     if info.path is None:
         return {"module": type(spec).__name__, "id": id(spec)}
-    files = [info.path] if info.path.is_file() else sorted(p for p in info.path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if info.path.is_file():
+        files = [info.path, *external_files(info.path)]
+    else:
+        files = sorted(p for p in info.path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     return {"path": str(info.path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+def check_outdir(outdir: Path, inputs: list) -> None:
+    """OUTDIR may be replaced whole (--overwrite): it must not be, or hold, an input or the cwd."""
+    out = outdir.resolve()
+    if not outdir.name or out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise UserError(f"output directory '{outdir}' is the current directory or above it: choose a new folder")
+    for item in inputs:
+        if item is None or not isinstance(item, (str, Path)) or not Path(item).exists():
+            continue
+        p = Path(item).resolve()
+        if p == out or out in p.parents:
+            raise UserError(f"output directory '{outdir}' holds the input '{item}': choose a folder outside it")
+
+
+def prepare(sdir: Path, key: str, keep: bool) -> None:
+    """A fresh stage folder, or (resume) the one an interrupted run of the same pass left."""
+    marker = sdir / "key.txt"
+    if not (keep and marker.is_file() and marker.read_text() == key):
+        shutil.rmtree(sdir, ignore_errors=True)
+    sdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
 
 
 def save(state: ModelState, sdir: Path, key: str) -> ModelState:
@@ -32,18 +59,24 @@ def save(state: ModelState, sdir: Path, key: str) -> ModelState:
     elif state.form != "torch" and state.hf_config is not None:
         state.hf_config.to_json_file(sdir / "config.json")
     meta = {k: v for k, v in state.meta.items() if k != "hf_config"}
-    doc = {"key": key, "form": state.form, "path": _rel(state.path, sdir), "meta": meta, "record": state.history[-1]}
+    doc = {"key": key, "form": state.form, "path": _rel(state.path, sdir.parent.parent), "meta": meta,
+           "record": state.history[-1]}
     tmp = sdir / "stage.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     tmp.rename(sdir / "stage.json")  # written last: its presence marks the stage as complete
     return state
 
 
-def _rel(path: Path | None, sdir: Path) -> str | None:
+def _rel(path: Path | None, work: Path) -> dict | None:
+    """A stage's model path: relative to the run directory when inside it (so the run directory can
+    move, and resume works from any cwd), else absolute."""
     if path is None:
         return None
-    path = Path(path)
-    return path.name if path.parent.resolve() == sdir.resolve() else str(path)
+    resolved = Path(path).resolve()
+    try:
+        return {"in_run": True, "path": str(resolved.relative_to(work.resolve()))}
+    except ValueError:
+        return {"in_run": False, "path": str(resolved)}
 
 
 def load_cached(sdir: Path, key: str, state: ModelState) -> ModelState | None:
@@ -58,10 +91,11 @@ def load_cached(sdir: Path, key: str, state: ModelState) -> ModelState | None:
         return state.with_record(rec)
     meta = dict(doc["meta"])
     if doc["form"] == "torch":
-        model, _, _ = models.load_hf(sdir / "model")
+        model, _, _ = models.load_hf(sdir / "model")  # local folder, safetensors
         new = replace(state, form="torch", model=model, path=None, meta=meta)
     else:
-        path = Path(doc["path"]) if "/" in doc["path"] else sdir / doc["path"]
+        loc = doc["path"]
+        path = sdir.parent.parent / loc["path"] if loc["in_run"] else Path(loc["path"])
         if (sdir / "config.json").is_file():
             from transformers import AutoConfig
 

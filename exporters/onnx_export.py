@@ -57,13 +57,6 @@ def output_names(kind: str) -> list[str]:
 
 
 def _export(wrapper, feed: dict, path, kind: str, cfg: ExportOnnx) -> None:
-    # The tracer warns about Python branches on shapes; parity on two other shapes is the real check.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _export_quietly(wrapper, feed, path, kind, cfg)
-
-
-def _export_quietly(wrapper, feed: dict, path, kind: str, cfg: ExportOnnx) -> None:
     import torch
 
     args = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
@@ -72,8 +65,10 @@ def _export_quietly(wrapper, feed: dict, path, kind: str, cfg: ExportOnnx) -> No
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
         for name in outs:
             axes[name] = {0: "batch"} if name == "sentence_embedding" else {0: "batch", 1: "sequence"}
-        torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=cfg.opset,
-                          input_names=["input_ids", "attention_mask"], output_names=outs, dynamic_axes=axes)
+        with warnings.catch_warnings():  # tracer warnings on shape branches: parity on other shapes is the check
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=cfg.opset,
+                              input_names=["input_ids", "attention_mask"], output_names=outs, dynamic_axes=axes)
         return
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2)
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}

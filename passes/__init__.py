@@ -2,19 +2,12 @@
 `from compress.passes import QuantInt8`."""
 from __future__ import annotations
 
-import importlib
-
-_CONFIGS = {
-    "QuantInt8": "compress.passes.quant_int8",
-    "QuantInt4": "compress.passes.quant_int4",
-    "Profile": "compress.passes.profile",
-}
-
 
 def __getattr__(name: str):
-    if name in _CONFIGS:
-        return getattr(importlib.import_module(_CONFIGS[name]), name)
-    raise AttributeError(f"module 'compress.passes' has no attribute '{name}'")
+    from compress.registry import config_class
 
-
-__all__ = sorted(_CONFIGS)
+    # Config classes are CamelCase; anything else (a submodule being imported) is not looked up here.
+    config = config_class(name, __name__) if name[:1].isupper() else None
+    if config is None:
+        raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+    return config

@@ -14,8 +14,6 @@ baseline and the route for other architectures."""
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 
 import torch
@@ -52,9 +50,6 @@ class TrainingFields(PassConfig):
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.w_output, self.w_hidden, self.w_attention, self.temperature)
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class HomoDistil(TrainingFields):
@@ -156,7 +151,7 @@ def run(state: ModelState, cfg: HomoDistil, ctx) -> ModelState:
     before = sum(p.numel() for p in student.parameters())
     callbacks = Platon(student, cfg, fam, geo)
     data = tokenized(state.tokenizer, state.data.train, cfg.max_length)  # training part only, never held-out
-    stats = train(student, state.teacher, state.kind, data, cfg.settings(), cfg.loss_weights(), ctx.workdir, cfg.key(),
+    stats = train(student, state.teacher, state.kind, data, cfg.settings(), cfg.loss_weights(), ctx.workdir, ctx.key,
                   ctx.console, callbacks, resume=ctx.resume, label="homodistil")
     shape = prunable.slice_model(student, fam, geo, callbacks.masks)
     (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)

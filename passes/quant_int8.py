@@ -72,14 +72,14 @@ def _static(src, dst, cfg: QuantInt8, excluded: list[str], state: ModelState, ma
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from compress.runtime import OnnxRunner, tokenize
+    from compress.runtime import complete_feed, tokenize
 
     shaped = workdir / "shape_inferred.onnx"
     _with_shapes(src, shaped)
-    runner = OnnxRunner(src, state.kind)
+    inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
     texts = state.data.train[: cfg.calibration_samples]
     # Fixed-length samples: the histogram calibrators need arrays of one shape.
-    feeds = [runner.feed(tokenize(state.tokenizer, [t], max_length, pad_to_max=True)) for t in texts]
+    feeds = [complete_feed(tokenize(state.tokenizer, [t], max_length, pad_to_max=True), inputs) for t in texts]
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
@@ -98,9 +98,14 @@ QUANT_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearMat
              "QuantizeLinear", "DequantizeLinear", "QGemm", "MatMulIntegerToFloat"}
 
 
-def run(state: ModelState, cfg: QuantInt8, ctx) -> ModelState:
+def _quant_ops(path) -> dict[str, int]:
     import onnx
 
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    return {op: ops.count(op) for op in sorted(set(ops) & QUANT_OPS)}
+
+
+def run(state: ModelState, cfg: QuantInt8, ctx) -> ModelState:
     dst = ctx.workdir / "model.onnx"
     excluded = matching_nodes(state.path, cfg.exclude)
     if cfg.mode == "dynamic":
@@ -110,10 +115,10 @@ def run(state: ModelState, cfg: QuantInt8, ctx) -> ModelState:
         with quiet_root_logger(), ctx.console.status(
                 f"calibrating on {min(cfg.calibration_samples, len(state.data.train))} training samples"):
             _static(state.path, dst, cfg, excluded, state, ctx.max_length, ctx.workdir)
-    ops = [n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node]
-    quant_ops = {op: ops.count(op) for op in sorted(set(ops) & QUANT_OPS)}
-    if not quant_ops:
-        raise ValueError("the quantizer changed nothing: no op of the graph could be quantized")
+    before, quant_ops = _quant_ops(state.path), _quant_ops(dst)
+    if quant_ops == before:
+        raise ValueError("the quantizer changed nothing: no op of the graph could be quantized "
+                         f"(quantized ops before and after: {before or 'none'})")
     if cfg.mode == "static" and not quant_ops.get("QuantizeLinear"):
         raise ValueError("static quantization quantized weights only (no QuantizeLinear for activations)")
     ctx.notes.update(quantized_ops=quant_ops, excluded=excluded)

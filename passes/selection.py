@@ -5,14 +5,14 @@ import re
 from pathlib import Path
 
 
-def matching_nodes(path: Path, patterns: list[str], op_types: tuple[str, ...] | None = None) -> list[str]:
+def matching_nodes(path: Path, patterns: list[str]) -> list[str]:
     """Names of graph nodes matching any pattern (`re:<regex>` or an exact name)."""
     import onnx
 
     if not patterns:
         return []
     graph = onnx.load(str(path), load_external_data=False).graph
-    names = [n.name for n in graph.node if op_types is None or n.op_type in op_types]
+    names = [n.name for n in graph.node]
     out = []
     for name in names:
         for pat in patterns:

@@ -176,3 +176,65 @@ def test_cli_onnx_with_tokenizer_option_runs(tiny_onnx, tiny_bert, text_file, tm
 
     assert code == 0, out
     assert (tmp_path / "o" / "tokenizer.json").is_file()
+
+
+def test_cli_model_folder_without_tokenizer_asks_for_one(tiny_bert, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert / name, bare / name)
+
+    code, out = _run("run", str(bare), "--pass", "export.onnx", "-o", str(tmp_path / "o"))
+
+    assert code == 2 and "no tokenizer beside" in out
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_cli_refuses_outdir_that_holds_the_input(tiny_onnx, tmp_path):
+    code, out = _run("run", str(tiny_onnx), "--pass", "quant.int8", "-o", str(tiny_onnx.parent), "--overwrite")
+
+    assert code == 2 and "holds the input" in out
+    assert tiny_onnx.is_file()
+
+
+def test_cli_refuses_current_directory_as_outdir(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    code, out = _run("run", str(tiny_bert), "--pass", "export.onnx", "-o", ".", "--overwrite")
+
+    assert code == 2 and "current directory" in out
+    assert _tree(tmp_path) == []
+
+
+def test_cli_bad_yaml_value_in_pass_option(tmp_path):
+    code, out = _run("run", "--pass", "quant.int8:exclude=[a", "-o", str(tmp_path / "o"))
+
+    assert code == 2 and "cannot read the value of 'exclude'" in out
+
+
+def test_cli_recipe_with_wrong_types(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: 123\npasses:\n  - pass: export.onnx\n")
+    bad_key = tmp_path / "k.yaml"
+    bad_key.write_text("passes:\n  - {pass: quant.int8, 1: 2}\n")
+
+    assert "'model' must be text" in _run("validate", str(recipe))[1]
+    code, out = _run("validate", str(bad_key))
+    assert code == 2 and "parameter names must be text" in out
+
+
+def test_cli_onnx_with_inputs_we_cannot_feed(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input_ids", "foo"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 4]),
+         helper.make_tensor_value_info("foo", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, 4])])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+    code, out = _run("run", str(path), "--pass", "quant.int8", "-o", str(tmp_path / "o"))
+
+    assert code == 2 and "graph inputs this tool can't feed: ['foo']" in out

@@ -54,3 +54,11 @@ def test_data_builtin_lee_is_real_news_text():
     assert len(paragraphs) == 300  # lee_background.cor: 300 paragraphs, 7 of them repeated
     assert len(d.train) + len(d.eval) == len(set(paragraphs)) == 293
     assert all(len(t.split()) > 10 for t in d.eval)
+
+
+def test_data_counts_distinct_samples_before_accepting_a_file(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("a\na\na\nb\n")
+
+    with pytest.raises(DataError, match="2 distinct non-empty samples; need at least 4"):
+        data.load(path)

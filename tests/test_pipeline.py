@@ -162,3 +162,49 @@ def test_pipeline_rejects_wrong_order_before_any_work(tiny_bert, text_file, tmp_
     with pytest.raises(ConfigError, match="torch passes must come before export.onnx"):
         Pipeline(["export.onnx", "export.onnx"]).run(str(tiny_bert), str(text_file), tmp_path / "out", **fast)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pipeline_resume_when_a_stage_points_at_an_earlier_file(tiny_bert, text_file, tmp_path, fast, monkeypatch):
+    """Regression: `profile` keeps the previous stage's file; its path must survive a resume."""
+    pipe = Pipeline(["export.onnx", "profile", "quant.int8"])
+    spec = registry.get("quant.int8")
+    broken = type(spec)(**{**spec.__dict__, "run": lambda state, cfg, ctx: 1 / 0})
+    real_get = registry.get
+    monkeypatch.setattr(registry, "get", lambda name: broken if name == "quant.int8" else real_get(name))
+    with pytest.raises(PassFailed):
+        pipe.run(str(tiny_bert), str(text_file), tmp_path / "out", **fast)
+    monkeypatch.setattr(registry, "get", real_get)
+    monkeypatch.chdir(tmp_path.parent)  # another cwd: stage paths are stored relative to the run directory
+
+    result = pipe.run(str(tiny_bert), str(text_file), tmp_path / "out", resume=True, **fast)
+
+    assert result.report["stages"][3]["quantized_ops"]
+
+
+def test_quant_int8_fails_when_nothing_new_is_quantized(tiny_bert, text_file, tmp_path, fast):
+    with pytest.raises(PassFailed, match="the quantizer changed nothing"):
+        Pipeline(["export.onnx", "quant.int8", {"pass": "quant.int8", "op_types": ["Conv"]}]).run(
+            str(tiny_bert), str(text_file), tmp_path / "out", **fast)
+
+
+def test_file_bytes_counts_external_data(tiny_bert, text_file, tmp_path, fast):
+    from compress.profiling import file_bytes
+
+    Pipeline(["export.onnx"]).run(str(tiny_bert), str(text_file), tmp_path / "a", **fast)
+    model = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    onnx.save_model(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+
+    assert file_bytes(tmp_path / "ext.onnx") >= (tmp_path / "weights.bin").stat().st_size > 1_000_000
+
+
+def test_pipeline_leaves_a_caller_module_untouched(tiny_bert, text_file, tmp_path, fast):
+    from transformers import AutoModel, AutoTokenizer
+
+    module = AutoModel.from_pretrained(tiny_bert).train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+
+    Pipeline(["export.onnx"]).run(module, str(text_file), tmp_path / "o", tokenizer=AutoTokenizer.from_pretrained(tiny_bert), **fast)
+
+    assert module.training
+    assert all((module.state_dict()[k] == v).all() for k, v in before.items())
