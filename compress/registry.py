@@ -22,6 +22,8 @@ _MODULES: dict[str, str] = {
     "quant.int4": "compress.passes.quant_int4",
     "profile": "compress.passes.profile",
     "prune.homodistil": "compress.passes.prune_homodistil",
+    "prune.structured": "compress.passes.prune_structured",
+    "distill.kd": "compress.passes.distill_kd",
 }
 
 

@@ -39,6 +39,7 @@ class TrainingFields(PassConfig):
     max_length: int = Field(128, ge=8, le=8192, description="tokens per training sample")
     seed: int = Field(0, ge=0, description="seed for initialisation order and batch order")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (resume after interruption)")
+    dropout: bool = Field(False, description="keep the model's dropout while training (off: the student matches the eval-mode teacher)")
     w_output: float = Field(1.0, ge=0, le=1000, description="weight of the output loss (embedding cosine / logit KL)")
     w_hidden: float = Field(1.0, ge=0, le=1000, description="weight of the per-layer hidden-state MSE")
     w_attention: float = Field(0.0, ge=0, le=1000, description="weight of the attention-map MSE (needs eager attention)")
@@ -46,7 +47,7 @@ class TrainingFields(PassConfig):
 
     def settings(self) -> TrainSettings:
         return TrainSettings(self.steps, self.batch_size, self.lr, self.warmup, self.weight_decay,
-                             self.max_grad_norm, self.seed, self.checkpoint_every)
+                             self.max_grad_norm, self.seed, self.checkpoint_every, self.dropout)
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.w_output, self.w_hidden, self.w_attention, self.temperature)

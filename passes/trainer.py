@@ -7,6 +7,7 @@ data as an uninterrupted one. It runs unchanged under `accelerate launch`: each 
 share of every batch and gradients are averaged across processes."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ class TrainSettings:
     max_grad_norm: float
     seed: int
     checkpoint_every: int
+    dropout: bool = False  # keep the model's dropout while training
 
 
 class Callbacks:
@@ -76,6 +78,19 @@ def _save(path: Path, payload: dict) -> None:
     tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
+def _load_checkpoint(path: Path, key: str, parts: dict[str, Any]) -> int:
+    """Restore every part from a checkpoint of this exact pass (same key); the step to start at."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("key") != key:
+        return 0
+    for name, obj in parts.items():
+        obj.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"])  # dropout continues exactly as in an uninterrupted run
+    return state["step"] + 1
+
+
 def _forward(model: torch.nn.Module, batch: dict, kind: str, attentions: bool):
     kwargs = {"output_hidden_states": True, "output_attentions": attentions}
     if kind == "causal-lm":
@@ -83,13 +98,51 @@ def _forward(model: torch.nn.Module, batch: dict, kind: str, attentions: bool):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
 
 
+@contextlib.contextmanager
+def attention_for_training(models: list[torch.nn.Module], need_maps: bool):
+    """Train with SDPA attention (faster) unless attention maps are needed for the loss; the models
+    go back to their own implementation (eager, which ORT's fusion needs) afterwards."""
+    saved = [getattr(m.config, "_attn_implementation", None) for m in models]
+    switch = not need_maps and all(hasattr(m, "set_attn_implementation") for m in models)
+    if switch:
+        for m in models:
+            m.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switch:
+            for m, impl in zip(models, saved):
+                if impl:
+                    m.set_attn_implementation(impl)
+
+
+@contextlib.contextmanager
+def no_dropout(model: torch.nn.Module, keep: bool):
+    """Distillation wants the student to reproduce the (eval-mode) teacher: dropout in the student
+    only adds a loss floor. Its probabilities go to 0 while training (attention modules read
+    `dropout.p` directly, so eval() on the Dropout modules would not be enough) and come back after."""
+    saved = [] if keep else [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m, _ in saved:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in saved:
+            m.p = p
+
+
 def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: dict[str, torch.Tensor],
           settings: TrainSettings, weights: LossWeights, workdir: Path, key: str, console: Console,
           callbacks: Callbacks | None = None, taid: Taid | None = None, resume: bool = False, label: str = "training") -> dict:
     """Train `student` in place against `teacher` on `data` (tokenized: input_ids, attention_mask)."""
+    with attention_for_training([student, teacher], weights.attention > 0), no_dropout(student, settings.dropout):
+        return _train(student, teacher, kind, data, settings, weights, workdir, key, console,
+                      callbacks or Callbacks(), taid, resume, label)
+
+
+def _train(student, teacher, kind, data, settings, weights, workdir, key, console, callbacks, taid, resume, label) -> dict:
     from accelerate import Accelerator
 
-    callbacks = callbacks or Callbacks()
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(settings.seed)
     teacher = teacher.to(acc.device).eval()
@@ -101,20 +154,14 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: d
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
     model, opt, sched = acc.prepare(student, opt, sched)
     ckpt = workdir / "checkpoint.pt"
-    start = 0
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("key") == key:
-            acc.unwrap_model(model).load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            callbacks.load_state_dict(state["callbacks"])
-            if taid is not None:
-                taid.load_state_dict(state["taid"])
-            start = state["step"] + 1
-            console.print(f"    resumed {label} from the checkpoint of step {state['step'] + 1}/{settings.steps}")
+    parts_to_save = {"model": acc.unwrap_model(model), "optimizer": opt, "scheduler": sched, "callbacks": callbacks}
+    if taid is not None:
+        parts_to_save["taid"] = taid
+    start = _load_checkpoint(ckpt, key, parts_to_save) if resume else 0
+    if start:
+        console.print(f"    resumed {label} from the checkpoint of step {start}/{settings.steps}")
     n = data["input_ids"].shape[0]
-    t0, avg, parts = time.perf_counter(), None, {}
+    t0, avg, first, parts = time.perf_counter(), None, None, {}
     columns = (TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not acc.is_main_process, transient=False) as bar:
@@ -135,18 +182,18 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: d
             opt.zero_grad(set_to_none=True)
             callbacks.after_step(step, acc.unwrap_model(model))
             value = float(loss.detach())
+            first = value if avg is None else first
             avg = value if avg is None else 0.95 * avg + 0.05 * value
             if taid is not None:
                 taid.update(value, (step + 1) / settings.steps)
             extra = callbacks.describe() + (f" taid_t={taid.t:.2f}" if taid is not None else "")
             bar.update(task, advance=1, info=f"loss {avg:.4f}{extra}")
             if acc.is_main_process and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
-                _save(ckpt, {"key": key, "step": step, "model": acc.unwrap_model(model).state_dict(),
-                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "callbacks": callbacks.state_dict(), "taid": taid.state_dict() if taid else {}})
+                _save(ckpt, {"key": key, "step": step, "rng": torch.get_rng_state(),
+                             **{name: obj.state_dict() for name, obj in parts_to_save.items()}})
             acc.wait_for_everyone()
     student = acc.unwrap_model(model).eval()
-    return {"steps": settings.steps, "resumed_from": start, "final_loss": avg, "final_parts": parts,
+    return {"steps": settings.steps, "resumed_from": start, "first_loss": first, "final_loss": avg, "final_parts": parts,
             "seconds": round(time.perf_counter() - t0, 1), "processes": acc.num_processes}
 
 

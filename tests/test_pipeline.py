@@ -15,7 +15,7 @@ from compress.errors import ConfigError, OutputExistsError, PassFailed
 PREFIX = {"torch": [], "onnx": ["export.onnx"], "ort": ["export.onnx", "export.ort"]}
 # Training passes: a few steps on short samples are enough to exercise them.
 FAST = {"steps": 6, "batch_size": 4, "max_length": 32}
-QUICK = {"prune.homodistil": {**FAST, "mask_every": 2}, "distill.kd": FAST}
+QUICK = {"prune.homodistil": {**FAST, "mask_every": 2}, "distill.kd": FAST}  # prune.structured: one shot
 
 
 def _ops(path) -> set[str]:

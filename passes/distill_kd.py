@@ -1,0 +1,83 @@
+"""distill.kd: recovery training of the current torch model against the teacher (the untouched input).
+
+Losses as in prune.homodistil (output cosine / logit KL with temperature, per-layer hidden MSE,
+attention MSE): Hinton et al. 2015 (arXiv 1503.02531), TinyBERT (arXiv 1909.10351). Options:
+- `taid`: TAID (arXiv 2501.16937), an adaptive target interpolated from the student's own output
+  towards the teacher's, which helps when the gap is large (after aggressive pruning);
+- `self_data` (causal LMs): self-data distillation (arXiv 2410.09982): the teacher first
+  regenerates the continuation of each training prompt; the student trains on those texts.
+When to use: after any pass that hurt fidelity (one-shot pruning, expert pruning, fake-quant)."""
+from __future__ import annotations
+
+import copy
+
+from pydantic import Field, model_validator
+
+from compress.passes.distill_losses import Taid
+from compress.passes.prune_homodistil import TrainingFields
+from compress.passes.trainer import tokenized, train
+from compress.registry import PassSpec
+from compress.state import ModelState
+
+
+class DistillKD(TrainingFields):
+    pass_name = "distill.kd"
+    taid: bool = Field(False, description="TAID: interpolated, adaptively sharpening target instead of the teacher's")
+    taid_start: float = Field(0.4, ge=0, le=1, description="TAID: initial interpolation weight t")
+    self_data: bool = Field(False, description="causal LMs: train on the teacher's regenerations of the training text")
+    prompt_tokens: int = Field(32, ge=1, le=4096, description="self_data: tokens of each training text kept as the prompt")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "DistillKD":
+        if self.self_data and self.prompt_tokens >= self.max_length:
+            raise ValueError(f"prompt_tokens ({self.prompt_tokens}) must be < max_length ({self.max_length})")
+        return self
+
+
+def regenerate(teacher, tokenizer, texts: list[str], cfg: DistillKD, console) -> list[str]:
+    """Self-data distillation: the teacher continues the first `prompt_tokens` of each text."""
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end
+    out: list[str] = []
+    try:
+        with console.status(f"teacher regenerating {len(texts)} training texts"), torch.inference_mode():
+            for i in range(0, len(texts), 16):
+                enc = tokenizer(texts[i:i + 16], return_tensors="pt", padding=True, truncation=True,
+                                max_length=cfg.prompt_tokens)
+                gen = teacher.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_length - cfg.prompt_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _check(cfg: DistillKD, info) -> list[str]:
+    if cfg.self_data and info.kind != "causal-lm":
+        return [f"self_data needs a causal LM (the input is a {info.kind})"]
+    return []
+
+
+def run(state: ModelState, cfg: DistillKD, ctx) -> ModelState:
+    student = copy.deepcopy(state.model)
+    t_heads = state.teacher.config.num_attention_heads
+    if cfg.w_attention > 0 and student.config.num_attention_heads != t_heads:
+        raise ValueError(f"w_attention needs the teacher's head count ({t_heads}); the student has "
+                         f"{student.config.num_attention_heads} heads: set w_attention=0")
+    texts = state.data.train[: cfg.steps * cfg.batch_size]  # training part only, never held-out
+    if cfg.self_data:
+        texts = regenerate(state.teacher, state.tokenizer, texts, cfg, ctx.console)
+    data = tokenized(state.tokenizer, texts, cfg.max_length)
+    taid = Taid(cfg.taid_start) if cfg.taid else None
+    stats = train(student, state.teacher, state.kind, data, cfg.settings(), cfg.loss_weights(), ctx.workdir, ctx.key,
+                  ctx.console, taid=taid, resume=ctx.resume, label="distill")
+    (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)
+    ctx.notes["distill"] = {**stats, "texts": len(texts), "self_data": cfg.self_data, "taid": cfg.taid}
+    return state.with_torch(student.eval())
+
+
+PASS = PassSpec(name="distill.kd", config=DistillKD, run=run, takes=("torch",), gives="torch",
+                needs_data=lambda cfg: True, check=_check,
+                summary="Knowledge-distillation recovery training against the input model (KD, TAID, self-data).")
