@@ -141,9 +141,12 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: d
 
 
 def _train(student, teacher, kind, data, settings, weights, workdir, key, console, callbacks, taid, resume, label) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # cpu=True without a GPU: under torchrun / accelerate launch this is what makes it MULTI_CPU (gloo)
+    # Some parameters (a BERT pooler) take no part in the distillation loss: DDP must allow that.
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(settings.seed)
     teacher = teacher.to(acc.device).eval()
     student.train()
