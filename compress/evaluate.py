@@ -102,8 +102,32 @@ def polarity(run: Callable, tokenizer: Any) -> float:
     return float(cross_val_score(LogisticRegression(max_iter=2000), emb, labels, cv=folds).mean())
 
 
+PPL_PARAGRAPHS, PPL_MAX_LENGTH = 100, 256
+
+
+def perplexity(run: Callable, tokenizer: Any, texts: list[str], max_length: int = PPL_MAX_LENGTH) -> float:
+    """exp(mean next-token NLL) over every real token of `texts` (token-weighted)."""
+    total, count = 0.0, 0
+    for feed in batches(tokenizer, texts, max_length, batch_size=4):
+        logp = _log_softmax(run(feed)[:, :-1].astype(np.float32))  # (batch, seq-1, vocab)
+        target = feed["input_ids"][:, 1:]
+        keep = feed["attention_mask"][:, 1:].astype(bool)
+        nll = -np.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    return float(np.exp(total / max(count, 1)))
+
+
 def task_metrics(kind: str, run: Callable, tokenizer: Any) -> dict[str, float]:
-    if kind != "encoder" or tokenizer is None:
+    """Encoders: Lee-50 and polarity. Causal LMs: perplexity on the first 100 lee_background
+    paragraphs (256 tokens each at most): real news text, never in the default (wiki) training data."""
+    if tokenizer is None:
+        return {}
+    if kind == "causal-lm":
+        from compress.data import lee_background
+
+        return {"ppl_lee": perplexity(run, tokenizer, lee_background()[:PPL_PARAGRAPHS])}
+    if kind != "encoder":
         return {}
     return {"lee50": lee50(run, tokenizer), "polarity": polarity(run, tokenizer)}
 

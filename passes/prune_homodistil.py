@@ -39,15 +39,15 @@ class TrainingFields(PassConfig):
     max_length: int = Field(128, ge=8, le=8192, description="tokens per training sample")
     seed: int = Field(0, ge=0, description="seed for initialisation order and batch order")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (resume after interruption)")
-    dropout: bool = Field(False, description="keep the model's dropout while training (off: the student matches the eval-mode teacher)")
+    dropout: bool = Field(False, description="keep the model's dropout for the whole training (default: off, so the student can match the eval-mode teacher)")
     w_output: float = Field(1.0, ge=0, le=1000, description="weight of the output loss (embedding cosine / logit KL)")
     w_hidden: float = Field(1.0, ge=0, le=1000, description="weight of the per-layer hidden-state MSE")
     w_attention: float = Field(0.0, ge=0, le=1000, description="weight of the attention-map MSE (needs eager attention)")
     temperature: float = Field(2.0, gt=0, le=100, description="softmax temperature of the logit KL")
 
-    def settings(self) -> TrainSettings:
-        return TrainSettings(self.steps, self.batch_size, self.lr, self.warmup, self.weight_decay,
-                             self.max_grad_norm, self.seed, self.checkpoint_every, self.dropout)
+    def settings(self, dropout_steps: int = 0) -> TrainSettings:
+        return TrainSettings(self.steps, self.batch_size, self.lr, self.warmup, self.weight_decay, self.max_grad_norm,
+                             self.seed, self.checkpoint_every, self.steps if self.dropout else dropout_steps)
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.w_output, self.w_hidden, self.w_attention, self.temperature)
@@ -122,7 +122,10 @@ class Platon(Callbacks):
         if step >= self.t_i and (step % self.cfg.mask_every == 0 or step == self.cfg.steps - 1) and self.ibar:
             params = dict(model.named_parameters())
             scores = {id(params[n]): self.ibar[n] * self.ubar[n] for n in self.ibar}
+            magnitude = {id(params[n]): params[n].detach() ** 2 for n in self.ibar}
             heads, ffn = prunable.unit_scores(model, self.fam, self.geo, scores)
+            # ties (a unit whose every score is 0) are broken by weight magnitude, never by index
+            heads, ffn = [_tie_break(s, m) for s, m in zip((heads, ffn), prunable.unit_scores(model, self.fam, self.geo, magnitude))]
             self.masks = prunable.top_masks(heads, ffn, *self.keep_counts(step), previous=self.masks)
         prunable.apply_masks(model, self.fam, self.geo, self.masks)
 
@@ -140,6 +143,15 @@ class Platon(Callbacks):
         self.ibar, self.ubar = state["ibar"], state["ubar"]
 
 
+def _tie_break(scores: list[torch.Tensor], magnitude: list[torch.Tensor]) -> list[torch.Tensor]:
+    """PLATON score plus a magnitude term far below any non-zero PLATON difference."""
+    out = []
+    for s, m in zip(scores, magnitude):
+        scale = s[s > 0].min() * 1e-3 if (s > 0).any() else 1.0
+        out.append(s + scale * m / m.max().clamp(min=1e-12))
+    return out
+
+
 def _check_targets(cfg: HomoDistil, geo: prunable.Geometry) -> None:
     if math.ceil(geo.kv_heads * (1 - cfg.heads)) < 1 or math.ceil(geo.ffn * (1 - cfg.ffn)) < 1:
         raise ValueError("targets would remove every unit of a layer")
@@ -152,7 +164,11 @@ def run(state: ModelState, cfg: HomoDistil, ctx) -> ModelState:
     before = sum(p.numel() for p in student.parameters())
     callbacks = Platon(student, cfg, fam, geo)
     data = tokenized(state.tokenizer, state.data.train, cfg.max_length)  # training part only, never held-out
-    stats = train(student, state.teacher, state.kind, data, cfg.settings(), cfg.loss_weights(), ctx.workdir, ctx.key,
+    # Before anything is pruned the student equals the teacher and the loss (so every gradient) is 0:
+    # dropout during the warm-up gives PLATON a loss to measure sensitivity on (the paper fine-tunes
+    # with dropout on throughout).
+    settings = cfg.settings(dropout_steps=callbacks.t_i)
+    stats = train(student, state.teacher, state.kind, data, settings, cfg.loss_weights(), ctx.workdir, ctx.key,
                   ctx.console, callbacks, resume=ctx.resume, label="homodistil")
     shape = prunable.slice_model(student, fam, geo, callbacks.masks)
     (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)

@@ -30,7 +30,7 @@ class TrainSettings:
     max_grad_norm: float
     seed: int
     checkpoint_every: int
-    dropout: bool = False  # keep the model's dropout while training
+    dropout_steps: int = 0  # the model's own dropout is active for the first `dropout_steps` steps, then off
 
 
 class Callbacks:
@@ -116,18 +116,22 @@ def attention_for_training(models: list[torch.nn.Module], need_maps: bool):
                     m.set_attn_implementation(impl)
 
 
-@contextlib.contextmanager
-def no_dropout(model: torch.nn.Module, keep: bool):
-    """Distillation wants the student to reproduce the (eval-mode) teacher: dropout in the student
-    only adds a loss floor. Its probabilities go to 0 while training (attention modules read
-    `dropout.p` directly, so eval() on the Dropout modules would not be enough) and come back after."""
-    saved = [] if keep else [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    for m, _ in saved:
-        m.p = 0.0
-    try:
-        yield
-    finally:
-        for m, p in saved:
+class DropoutSchedule:
+    """Distillation wants the student to reproduce the (eval-mode) teacher, so dropout only adds a
+    loss floor: it is off, except for the first `steps` steps (pruning needs a non-zero loss to rank
+    units while the student still equals the teacher). Attention modules read `dropout.p` directly,
+    so the probabilities are set, not the modules' train/eval mode; `restore()` puts them back."""
+
+    def __init__(self, model: torch.nn.Module, steps: int):
+        self.saved = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        self.steps = steps
+
+    def at(self, step: int) -> None:
+        for m, p in self.saved:
+            m.p = p if step < self.steps else 0.0
+
+    def restore(self) -> None:
+        for m, p in self.saved:
             m.p = p
 
 
@@ -135,12 +139,17 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: d
           settings: TrainSettings, weights: LossWeights, workdir: Path, key: str, console: Console,
           callbacks: Callbacks | None = None, taid: Taid | None = None, resume: bool = False, label: str = "training") -> dict:
     """Train `student` in place against `teacher` on `data` (tokenized: input_ids, attention_mask)."""
-    with attention_for_training([student, teacher], weights.attention > 0), no_dropout(student, settings.dropout):
-        return _train(student, teacher, kind, data, settings, weights, workdir, key, console,
-                      callbacks or Callbacks(), taid, resume, label)
+    dropout = DropoutSchedule(student, settings.dropout_steps)
+    try:
+        with attention_for_training([student, teacher], weights.attention > 0):
+            return _train(student, teacher, kind, data, settings, weights, workdir, key, console,
+                          callbacks or Callbacks(), taid, resume, label, dropout)
+    finally:
+        dropout.restore()
 
 
-def _train(student, teacher, kind, data, settings, weights, workdir, key, console, callbacks, taid, resume, label) -> dict:
+def _train(student, teacher, kind, data, settings, weights, workdir, key, console, callbacks, taid, resume, label,
+           dropout) -> dict:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # cpu=True without a GPU: under torchrun / accelerate launch this is what makes it MULTI_CPU (gloo)
@@ -172,6 +181,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
         for step in range(start, settings.steps):
             idx = batch_indices(step, n, settings.batch_size, settings.seed, acc.process_index, acc.num_processes)
             batch = {k: v[idx].to(acc.device) for k, v in data.items()}
+            dropout.at(step)
             with torch.no_grad():
                 t_out = _forward(teacher, batch, kind, weights.attention > 0)
             s_out = _forward(model, batch, kind, weights.attention > 0)

@@ -208,3 +208,11 @@ def test_pipeline_leaves_a_caller_module_untouched(tiny_bert, text_file, tmp_pat
 
     assert module.training
     assert all((module.state_dict()[k] == v).all() for k, v in before.items())
+
+
+def test_causal_lm_stage_reports_perplexity_on_held_out_news(tiny_llama, text_file, tmp_path, fast):
+    result = Pipeline(["export.onnx"]).run(str(tiny_llama), str(text_file), tmp_path / "o", **{**fast, "tasks": True})
+
+    torch_ppl, onnx_ppl = (s["metrics"]["ppl_lee"] for s in result.report["stages"])
+    assert 1 < torch_ppl < 2 * 30522  # a random model is near-uniform over its 30522-token vocabulary
+    assert abs(onnx_ppl - torch_ppl) / torch_ppl < 1e-3
