@@ -7,7 +7,7 @@ Prints params, fp32-ONNX latency ratio against the unpruned export, Lee-50, pola
 cosine and wall time per method, then the int8 models against the plain ORT dynamic-int8 MiniLM
 (legacy export + optimize_model + quantize_dynamic), latencies timed interleaved in one process.
 
-    python benchmarks/pruning_minilm.py [--steps 300] [--threads 2] [--workdir /tmp/bench-prune]
+    python benchmarks/pruning_minilm.py [--steps 600] [--lr 3e-4] [--max-length 64] [--workdir /tmp/bench-prune]
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 TAIL = ["export.onnx", "optimize.ort", "quant.int8"]
 
 
-def recipes(steps: int) -> dict[str, list]:
-    train = {"steps": steps}
+def recipes(steps: int, lr: float, max_length: int) -> dict[str, list]:
+    train = {"steps": steps, "lr": lr, "max_length": max_length}
     one_shot = {"pass": "prune.structured", "heads": 0.5, "ffn": 0.5, "importance": "magnitude"}
     return {
         "teacher": TAIL,
@@ -35,7 +35,9 @@ def recipes(steps: int) -> dict[str, list]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--max-length", type=int, default=64, help="training tokens per sample (evaluation uses 128)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console(stderr=True)
     settings = LatencySettings(batch=1, seq=128, threads=args.threads, warmup=10, runs=args.runs)
     reports = {}
-    for name, passes in recipes(args.steps).items():
+    for name, passes in recipes(args.steps, args.lr, args.max_length).items():
         out = work / name.split()[0].strip("()")
         shutil.rmtree(out, ignore_errors=True)
         console.rule(name)

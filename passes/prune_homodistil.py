@@ -32,7 +32,7 @@ class TrainingFields(PassConfig):
 
     steps: int = Field(600, ge=1, le=1_000_000, description="optimizer steps")
     batch_size: int = Field(16, ge=1, le=4096, description="samples per step (split across processes under accelerate)")
-    lr: float = Field(1e-4, gt=0, le=1.0, description="peak AdamW learning rate")
+    lr: float = Field(3e-4, gt=0, le=1.0, description="peak AdamW learning rate")
     warmup: float = Field(0.06, ge=0, lt=1, description="fraction of steps of linear learning-rate warm-up")
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay (matrices only)")
     max_grad_norm: float = Field(1.0, gt=0, le=1000, description="gradient clipping norm")

@@ -148,28 +148,33 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: d
         dropout.restore()
 
 
-def _train(student, teacher, kind, data, settings, weights, workdir, key, console, callbacks, taid, resume, label,
-           dropout) -> dict:
+def _prepare(student: torch.nn.Module, teacher: torch.nn.Module, settings: TrainSettings):
+    """Accelerator, wrapped student, AdamW (no decay on biases / norms) and its schedule."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    # cpu=True without a GPU: under torchrun / accelerate launch this is what makes it MULTI_CPU (gloo)
+    # cpu=True without a GPU: under torchrun / accelerate launch this is what makes it MULTI_CPU (gloo).
     # Some parameters (a BERT pooler) take no part in the distillation loss: DDP must allow that.
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(settings.seed)
-    teacher = teacher.to(acc.device).eval()
+    teacher.to(acc.device).eval()
     student.train()
-    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() <= 1]
+    decay = [p for p in student.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
     model, opt, sched = acc.prepare(student, opt, sched)
+    return acc, model, opt, sched
+
+
+def _train(student, teacher, kind, data, settings, weights, workdir, key, console, callbacks, taid, resume, label,
+           dropout) -> dict:
+    acc, model, opt, sched = _prepare(student, teacher, settings)
     ckpt = workdir / "checkpoint.pt"
-    parts_to_save = {"model": acc.unwrap_model(model), "optimizer": opt, "scheduler": sched, "callbacks": callbacks}
-    if taid is not None:
-        parts_to_save["taid"] = taid
-    start = _load_checkpoint(ckpt, key, parts_to_save) if resume else 0
+    saved = {"model": acc.unwrap_model(model), "optimizer": opt, "scheduler": sched, "callbacks": callbacks,
+             **({"taid": taid} if taid is not None else {})}
+    start = _load_checkpoint(ckpt, key, saved) if resume else 0
     if start:
         console.print(f"    resumed {label} from the checkpoint of step {start}/{settings.steps}")
     n = data["input_ids"].shape[0]
@@ -185,8 +190,8 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
             with torch.no_grad():
                 t_out = _forward(teacher, batch, kind, weights.attention > 0)
             s_out = _forward(model, batch, kind, weights.attention > 0)
-            t = taid.t if taid is not None else None
-            loss, parts = distill_loss(kind, s_out, t_out, batch["attention_mask"], weights, callbacks.head_keep(), t)
+            loss, parts = distill_loss(kind, s_out, t_out, batch["attention_mask"], weights, callbacks.head_keep(),
+                                       taid.t if taid is not None else None)
             acc.backward(loss)
             callbacks.after_backward(step, acc.unwrap_model(model))
             acc.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -195,17 +200,16 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
             opt.zero_grad(set_to_none=True)
             callbacks.after_step(step, acc.unwrap_model(model))
             value = float(loss.detach())
-            first = value if avg is None else first
-            avg = value if avg is None else 0.95 * avg + 0.05 * value
+            first, avg = (value, value) if avg is None else (first, 0.95 * avg + 0.05 * value)
             if taid is not None:
                 taid.update(value, (step + 1) / settings.steps)
             extra = callbacks.describe() + (f" taid_t={taid.t:.2f}" if taid is not None else "")
             bar.update(task, advance=1, info=f"loss {avg:.4f}{extra}")
             if acc.is_main_process and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
                 _save(ckpt, {"key": key, "step": step, "rng": torch.get_rng_state(),
-                             **{name: obj.state_dict() for name, obj in parts_to_save.items()}})
+                             **{name: obj.state_dict() for name, obj in saved.items()}})
             acc.wait_for_everyone()
-    student = acc.unwrap_model(model).eval()
+    acc.unwrap_model(model).eval()
     return {"steps": settings.steps, "resumed_from": start, "first_loss": first, "final_loss": avg, "final_parts": parts,
             "seconds": round(time.perf_counter() - t0, 1), "processes": acc.num_processes}
 
