@@ -72,12 +72,12 @@ class HomoDistil(TrainingFields):
         return self
 
 
-def remaining(step: int, total: int, target: float, t_i: int, t_f: int) -> float:
-    """Cubic schedule: 1 until t_i, then r_T + (1 - r_T)(1 - (t - t_i)/(T - t_i - t_f))^3, r_T at the end."""
+def remaining(step: int, target: float, t_i: int, last: int) -> float:
+    """Cubic schedule: 1 until t_i, r_T + (1 - r_T)(1 - (t - t_i)/(last - t_i))^3 up to `last`
+    (= T - t_f - 1, the last pruning step), r_T from there on."""
     if step < t_i:
         return 1.0
-    span = max(1, total - t_i - t_f)
-    progress = min(1.0, (step - t_i) / span)
+    progress = min(1.0, (step - t_i) / max(1, last - t_i))
     return target + (1 - target) * (1 - progress) ** 3
 
 
@@ -91,7 +91,7 @@ class Platon(Callbacks):
         self.ibar: dict[str, torch.Tensor] = {}
         self.ubar: dict[str, torch.Tensor] = {}
         self.t_i = int(cfg.steps * cfg.initial_warmup)
-        self.t_f = int(cfg.steps * cfg.final_phase)
+        self.last = max(self.t_i, cfg.steps - int(cfg.steps * cfg.final_phase) - 1)  # last step that prunes
 
     def _prunable_names(self, model: torch.nn.Module) -> list[str]:
         wanted = {id(p) for layer in prunable.layers(model, self.fam)
@@ -99,6 +99,8 @@ class Platon(Callbacks):
         return [n for n, p in model.named_parameters() if id(p) in wanted]
 
     def after_backward(self, step: int, model: torch.nn.Module) -> None:
+        if step > self.last:  # the masks are final: importance is no longer needed
+            return
         params = dict(model.named_parameters())
         b1, b2 = self.cfg.beta1, self.cfg.beta2
         with torch.no_grad():
@@ -114,12 +116,13 @@ class Platon(Callbacks):
                     self.ubar[name].mul_(b2).add_((sens - self.ibar[name]).abs(), alpha=1 - b2)
 
     def keep_counts(self, step: int) -> tuple[int, int]:
-        r_h = remaining(step, self.cfg.steps, 1 - self.cfg.heads, self.t_i, self.t_f)
-        r_f = remaining(step, self.cfg.steps, 1 - self.cfg.ffn, self.t_i, self.t_f)
+        r_h = remaining(step, 1 - self.cfg.heads, self.t_i, self.last)
+        r_f = remaining(step, 1 - self.cfg.ffn, self.t_i, self.last)
         return max(1, math.ceil(self.geo.kv_heads * r_h)), max(1, math.ceil(self.geo.ffn * r_f))
 
     def after_step(self, step: int, model: torch.nn.Module) -> None:
-        if step >= self.t_i and (step % self.cfg.mask_every == 0 or step == self.cfg.steps - 1) and self.ibar:
+        refresh = (step - self.t_i) % self.cfg.mask_every == 0 or step == self.last
+        if self.t_i <= step <= self.last and refresh and self.ibar:
             params = dict(model.named_parameters())
             scores = {id(params[n]): self.ibar[n] * self.ubar[n] for n in self.ibar}
             magnitude = {id(params[n]): params[n].detach() ** 2 for n in self.ibar}

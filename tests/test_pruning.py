@@ -147,3 +147,13 @@ def test_homodistil_resumes_after_kill_and_matches_uninterrupted_run(tiny_bert, 
     a, _, _ = load_hf(tmp_path / "killed" / "model")
     b, _, _ = load_hf(tmp_path / "straight" / "model")
     torch.testing.assert_close(_outputs(a, "encoder"), _outputs(b, "encoder"), atol=1e-6, rtol=1e-6)
+
+
+def test_homodistil_schedule_is_cubic_from_full_to_target():
+    from compress.passes.prune_homodistil import remaining
+
+    values = [remaining(step, 0.5, t_i=10, last=70) for step in range(100)]
+
+    assert values[:11] == [1.0] * 11 and values[70:] == [0.5] * 30
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert values[40] == pytest.approx(0.5 + 0.5 * 0.5 ** 3)  # halfway: (1 - 1/2)^3 of the way left
