@@ -46,8 +46,10 @@ def regenerate(teacher, tokenizer, texts: list[str], cfg: DistillKD, console) ->
             for i in range(0, len(texts), 16):
                 enc = tokenizer(texts[i:i + 16], return_tensors="pt", padding=True, truncation=True,
                                 max_length=cfg.prompt_tokens)
-                gen = teacher.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=cfg.max_length - cfg.prompt_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                gen = teacher.generate(input_ids=enc["input_ids"].to(teacher.device),
+                                       attention_mask=enc["attention_mask"].to(teacher.device),
+                                       max_new_tokens=cfg.max_length - cfg.prompt_tokens, do_sample=False, pad_token_id=pad)
                 out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
@@ -71,7 +73,8 @@ def run(state: ModelState, cfg: DistillKD, ctx) -> ModelState:
         texts = regenerate(state.teacher, state.tokenizer, texts, cfg, ctx.console)
     data = tokenized(state.tokenizer, texts, cfg.max_length)
     taid = Taid(cfg.taid_start) if cfg.taid else None
-    stats = train(student, state.teacher, state.kind, data, cfg.settings(), cfg.loss_weights(), ctx.workdir, ctx.key,
+    stats = train(student, state.teacher, state.kind, data, cfg.settings(), cfg.loss_weights(state.meta.get("pooling", "mean")),
+                  ctx.workdir, ctx.key,
                   ctx.console, taid=taid, resume=ctx.resume, label="distill")
     (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)
     ctx.notes["distill"] = {**stats, "texts": len(texts), "self_data": cfg.self_data, "taid": cfg.taid}

@@ -20,19 +20,23 @@ class LossWeights:
     output: float = 1.0
     hidden: float = 1.0
     attention: float = 0.0
+    lm: float = 0.0  # causal LMs: next-token cross-entropy on the training text
     temperature: float = 2.0
     encoder_output: str = "cosine"  # or "mse"
+    pooling: str = "mean"  # how the model's sentence embedding is pooled: "mean" or "cls"
 
 
-def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def pooled(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    if how == "cls":
+        return hidden[:, 0]
     m = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 def output_loss(kind: str, s_out, t_out, mask: torch.Tensor, w: LossWeights, taid_t: float | None = None) -> torch.Tensor:
     if kind == "encoder":
-        s_emb = pooled(s_out.last_hidden_state, mask)
-        t_emb = pooled(t_out.last_hidden_state, mask)
+        s_emb = pooled(s_out.last_hidden_state, mask, w.pooling)
+        t_emb = pooled(t_out.last_hidden_state, mask, w.pooling)
         if taid_t is not None:  # interpolated target between the student's own embedding and the teacher's
             t_emb = (1 - taid_t) * s_emb.detach() + taid_t * t_emb
         if w.encoder_output == "mse":
@@ -54,6 +58,9 @@ def output_loss(kind: str, s_out, t_out, mask: torch.Tensor, w: LossWeights, tai
 
 def hidden_loss(s_out, t_out, mask: torch.Tensor) -> torch.Tensor:
     keep = mask.unsqueeze(-1).to(torch.float32)
+    if len(s_out.hidden_states) != len(t_out.hidden_states):
+        raise ValueError(f"hidden-state loss needs as many layers in the student ({len(s_out.hidden_states) - 1}) as in "
+                         f"the teacher ({len(t_out.hidden_states) - 1}): set w_hidden=0")
     losses = []
     for s_h, t_h in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]):
         diff = ((s_h - t_h) ** 2 * keep).sum() / (keep.sum() * s_h.shape[-1])
@@ -62,23 +69,38 @@ def hidden_loss(s_out, t_out, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def attention_loss(s_out, t_out, head_keep: list[torch.Tensor] | None) -> torch.Tensor:
+def attention_loss(s_out, t_out, mask: torch.Tensor, head_keep: list[torch.Tensor] | None) -> torch.Tensor:
+    """Squared error of attention rows of real (unpadded) query tokens, summed over keys, averaged."""
+    rows = mask[:, None, :, None].to(torch.float32)  # (batch, 1, seq, 1): query rows that count
     losses = []
     for i, (s_a, t_a) in enumerate(zip(s_out.attentions, t_out.attentions)):  # (batch, heads, seq, seq)
         if head_keep is not None:
-            s_a, t_a = s_a[:, head_keep[i]], t_a[:, head_keep[i]]
-        losses.append(F.mse_loss(s_a, t_a) * s_a.shape[-1])
+            keep = head_keep[i].to(s_a.device)
+            s_a, t_a = s_a[:, keep], t_a[:, keep]
+        err = ((s_a - t_a) ** 2 * rows).sum()
+        losses.append(err / (rows.sum() * s_a.shape[1]).clamp(min=1))
     return torch.stack(losses).mean()
 
 
+def lm_loss(s_out, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over real tokens: the task loss of a causal LM (METHODS.md: 'task/LM
+    loss where labels exist'); non-zero even while the student still equals the teacher."""
+    logits = s_out.logits[:, :-1].float()
+    labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
 def distill_loss(kind: str, s_out, t_out, mask: torch.Tensor, w: LossWeights,
-                 head_keep: list[torch.Tensor] | None = None, taid_t: float | None = None) -> tuple[torch.Tensor, dict]:
+                 head_keep: list[torch.Tensor] | None = None, taid_t: float | None = None,
+                 input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     parts = {"output": output_loss(kind, s_out, t_out, mask, w, taid_t)}
+    if w.lm > 0 and kind == "causal-lm" and input_ids is not None:
+        parts["lm"] = lm_loss(s_out, input_ids, mask)
     if w.hidden > 0:
         parts["hidden"] = hidden_loss(s_out, t_out, mask)
     if w.attention > 0:
-        parts["attention"] = attention_loss(s_out, t_out, head_keep)
-    weights = {"output": w.output, "hidden": w.hidden, "attention": w.attention}
+        parts["attention"] = attention_loss(s_out, t_out, mask, head_keep)
+    weights = {"output": w.output, "hidden": w.hidden, "attention": w.attention, "lm": w.lm}
     total = sum(weights[k] * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
 

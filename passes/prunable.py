@@ -8,6 +8,7 @@ model computes; at the end `slice_model` cuts the rows/columns away for real and
 with the same count in every layer so the result is a regular architecture."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,7 +157,7 @@ def unit_scores(model: nn.Module, fam: Family, geo: Geometry, score: dict[int, t
             return None if p is None else score.get(id(p))
 
         hd, g = geo.head_dim, geo.group
-        h = torch.zeros(geo.kv_heads)
+        h = torch.zeros(geo.kv_heads, device=lin["q"].weight.device)
         for key, per in (("q", g * hd), ("k", hd), ("v", hd)):
             for p in (lin[key].weight, lin[key].bias):
                 if s(p) is not None:
@@ -173,6 +174,12 @@ def unit_scores(model: nn.Module, fam: Family, geo: Geometry, score: dict[int, t
     return heads, ffn
 
 
+def keep_count(units: int, fraction_removed: float) -> int:
+    """Units left after removing `fraction_removed` of `units` (at least 1); exact for decimal
+    fractions: 10 units at 0.7 keep 3, where ceil(10 * 0.3) would keep 4 (0.3 is 0.30000000000000004)."""
+    return max(1, units - math.floor(units * fraction_removed + 1e-9))
+
+
 def top_masks(heads: list[torch.Tensor], ffn: list[torch.Tensor], keep_heads: int, keep_ffn: int,
               previous: Masks | None = None) -> Masks:
     """Keep the `keep_*` best units in every layer; units pruned before stay pruned."""
@@ -182,7 +189,7 @@ def top_masks(heads: list[torch.Tensor], ffn: list[torch.Tensor], keep_heads: in
             scores[~prev] = -float("inf")
         mask = torch.zeros_like(scores, dtype=torch.bool)
         mask[torch.topk(scores, k).indices] = True
-        return mask
+        return mask.cpu()
 
     return Masks([pick(h, keep_heads, previous.heads[i] if previous else None) for i, h in enumerate(heads)],
                  [pick(f, keep_ffn, previous.ffn[i] if previous else None) for i, f in enumerate(ffn)])

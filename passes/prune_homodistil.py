@@ -14,7 +14,6 @@ baseline and the route for other architectures."""
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from pydantic import Field, model_validator
@@ -44,19 +43,24 @@ class TrainingFields(PassConfig):
     w_hidden: float = Field(1.0, ge=0, le=1000, description="weight of the per-layer hidden-state MSE")
     w_attention: float = Field(0.0, ge=0, le=1000, description="weight of the attention-map MSE (needs eager attention)")
     temperature: float = Field(2.0, gt=0, le=100, description="softmax temperature of the logit KL")
+    w_lm: float = Field(0.0, ge=0, le=1000, description="causal LMs: weight of the next-token cross-entropy on the training text")
 
     def settings(self, dropout_steps: int = 0) -> TrainSettings:
         return TrainSettings(self.steps, self.batch_size, self.lr, self.warmup, self.weight_decay, self.max_grad_norm,
                              self.seed, self.checkpoint_every, self.steps if self.dropout else dropout_steps)
 
-    def loss_weights(self) -> LossWeights:
-        return LossWeights(self.w_output, self.w_hidden, self.w_attention, self.temperature)
+    def loss_weights(self, pooling: str = "mean") -> LossWeights:
+        return LossWeights(output=self.w_output, hidden=self.w_hidden, attention=self.w_attention,
+                           temperature=self.temperature, lm=self.w_lm, pooling=pooling)
 
 
 class HomoDistil(TrainingFields):
     pass_name = "prune.homodistil"
     heads: float = Field(0.5, ge=0, lt=1, description="fraction of attention units (kv groups) to remove in every layer")
     ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN neurons to remove in every layer")
+    w_lm: float = Field(0.5, ge=0, le=1000, description=(
+        "causal LMs: weight of the next-token cross-entropy; it also gives the importance a signal while the "
+        "student still equals the teacher (Llama has no dropout to do that)"))
     mask_every: int = Field(10, ge=1, le=10000, description="steps between mask refreshes")
     initial_warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps before pruning starts (t_i)")
     final_phase: float = Field(0.3, ge=0, lt=1, description="fraction of steps at the target before the end (t_f)")
@@ -69,6 +73,10 @@ class HomoDistil(TrainingFields):
             raise ValueError(f"initial_warmup + final_phase must be < 1 (got {self.initial_warmup} + {self.final_phase})")
         if self.heads == 0 and self.ffn == 0:
             raise ValueError("nothing to prune: set heads and/or ffn above 0")
+        t_i, last = int(self.steps * self.initial_warmup), self.steps - int(self.steps * self.final_phase) - 1
+        if last <= t_i:
+            raise ValueError(f"{self.steps} steps leave no pruning phase between the warm-up (step {t_i}) and the "
+                             f"final phase (from step {last + 1}): raise steps or lower initial_warmup / final_phase")
         return self
 
 
@@ -77,6 +85,8 @@ def remaining(step: int, target: float, t_i: int, last: int) -> float:
     (= T - t_f - 1, the last pruning step), r_T from there on."""
     if step < t_i:
         return 1.0
+    if step >= last:
+        return target
     progress = min(1.0, (step - t_i) / max(1, last - t_i))
     return target + (1 - target) * (1 - progress) ** 3
 
@@ -109,6 +119,8 @@ class Platon(Callbacks):
                 if p.grad is None:
                     continue
                 sens = (p * p.grad).abs()
+                if name in self.ibar and self.ibar[name].device != sens.device:  # after a resume (saved on CPU)
+                    self.ibar[name], self.ubar[name] = self.ibar[name].to(sens.device), self.ubar[name].to(sens.device)
                 if name not in self.ibar:
                     self.ibar[name], self.ubar[name] = sens.clone(), torch.zeros_like(sens)
                 else:
@@ -118,7 +130,7 @@ class Platon(Callbacks):
     def keep_counts(self, step: int) -> tuple[int, int]:
         r_h = remaining(step, 1 - self.cfg.heads, self.t_i, self.last)
         r_f = remaining(step, 1 - self.cfg.ffn, self.t_i, self.last)
-        return max(1, math.ceil(self.geo.kv_heads * r_h)), max(1, math.ceil(self.geo.ffn * r_f))
+        return prunable.keep_count(self.geo.kv_heads, 1 - r_h), prunable.keep_count(self.geo.ffn, 1 - r_f)
 
     def after_step(self, step: int, model: torch.nn.Module) -> None:
         refresh = (step - self.t_i) % self.cfg.mask_every == 0 or step == self.last
@@ -143,27 +155,24 @@ class Platon(Callbacks):
 
     def load_state_dict(self, state: dict) -> None:
         self.masks = prunable.Masks(state["masks"]["heads"], state["masks"]["ffn"])
-        self.ibar, self.ubar = state["ibar"], state["ubar"]
+        self.ibar, self.ubar = state["ibar"], state["ubar"]  # moved to the parameters' device on first use
 
 
 def _tie_break(scores: list[torch.Tensor], magnitude: list[torch.Tensor]) -> list[torch.Tensor]:
-    """PLATON score plus a magnitude term far below any non-zero PLATON difference."""
+    """Ranks by PLATON score, equal scores ordered by weight magnitude (lexicographic, exact)."""
     out = []
     for s, m in zip(scores, magnitude):
-        scale = s[s > 0].min() * 1e-3 if (s > 0).any() else 1.0
-        out.append(s + scale * m / m.max().clamp(min=1e-12))
+        by_magnitude = torch.argsort(m, stable=True)
+        order = by_magnitude[torch.argsort(s[by_magnitude], stable=True)]  # ascending score, then magnitude
+        ranks = torch.empty_like(s, dtype=torch.float32)
+        ranks[order] = torch.arange(len(s), dtype=torch.float32, device=s.device)
+        out.append(ranks)
     return out
-
-
-def _check_targets(cfg: HomoDistil, geo: prunable.Geometry) -> None:
-    if math.ceil(geo.kv_heads * (1 - cfg.heads)) < 1 or math.ceil(geo.ffn * (1 - cfg.ffn)) < 1:
-        raise ValueError("targets would remove every unit of a layer")
 
 
 def run(state: ModelState, cfg: HomoDistil, ctx) -> ModelState:
     student = copy.deepcopy(state.model)
     fam, geo = prunable.family_of(student.config), prunable.Geometry.of(student.config)
-    _check_targets(cfg, geo)
     before = sum(p.numel() for p in student.parameters())
     callbacks = Platon(student, cfg, fam, geo)
     data = tokenized(state.tokenizer, state.data.train, cfg.max_length)  # training part only, never held-out
@@ -171,7 +180,8 @@ def run(state: ModelState, cfg: HomoDistil, ctx) -> ModelState:
     # dropout during the warm-up gives PLATON a loss to measure sensitivity on (the paper fine-tunes
     # with dropout on throughout).
     settings = cfg.settings(dropout_steps=callbacks.t_i)
-    stats = train(student, state.teacher, state.kind, data, settings, cfg.loss_weights(), ctx.workdir, ctx.key,
+    stats = train(student, state.teacher, state.kind, data, settings, cfg.loss_weights(state.meta.get("pooling", "mean")),
+                  ctx.workdir, ctx.key,
                   ctx.console, callbacks, resume=ctx.resume, label="homodistil")
     shape = prunable.slice_model(student, fam, geo, callbacks.masks)
     (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)

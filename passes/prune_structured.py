@@ -12,7 +12,6 @@ when there is no budget for iterative pruning."""
 from __future__ import annotations
 
 import copy
-import math
 from typing import Literal
 
 import torch
@@ -39,7 +38,7 @@ def _taylor_scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, 
     data = tokenized(state.tokenizer, state.data.train[: cfg.taylor_batches * 8], cfg.max_length)
     model.zero_grad(set_to_none=True)
     for i in range(0, data["input_ids"].shape[0], 8):
-        ids, mask = data["input_ids"][i:i + 8], data["attention_mask"][i:i + 8]
+        ids, mask = data["input_ids"][i:i + 8].to(model.device), data["attention_mask"][i:i + 8].to(model.device)
         labels = ids.masked_fill(mask == 0, -100)
         model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
     scores = {id(p): (p * p.grad).abs().detach() for p in model.parameters() if p.grad is not None}
@@ -61,7 +60,7 @@ def run(state: ModelState, cfg: PruneStructured, ctx) -> ModelState:
     fam, geo = prunable.family_of(model.config), prunable.Geometry.of(model.config)
     before = sum(p.numel() for p in model.parameters())
     heads, ffn = prunable.unit_scores(model, fam, geo, _scores(model, state, cfg))
-    keep_heads, keep_ffn = math.ceil(geo.kv_heads * (1 - cfg.heads)), math.ceil(geo.ffn * (1 - cfg.ffn))
+    keep_heads, keep_ffn = prunable.keep_count(geo.kv_heads, cfg.heads), prunable.keep_count(geo.ffn, cfg.ffn)
     shape = prunable.slice_model(model, fam, geo, prunable.top_masks(heads, ffn, keep_heads, keep_ffn))
     ctx.notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
                             "after": {**shape, "params": sum(p.numel() for p in model.parameters())},

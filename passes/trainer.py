@@ -55,6 +55,8 @@ class Callbacks:
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Rows of step `step`: epoch e is a seeded permutation; each process takes every world-th row."""
     bs = min(batch_size, n)
+    if bs < world:
+        raise ValueError(f"batch_size {bs} is smaller than the {world} processes: every process needs a sample")
     per_epoch = n // bs
     epoch, b = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
@@ -103,17 +105,20 @@ def attention_for_training(models: list[torch.nn.Module], need_maps: bool):
     """Train with SDPA attention (faster) unless attention maps are needed for the loss; the models
     go back to their own implementation (eager, which ORT's fusion needs) afterwards."""
     saved = [getattr(m.config, "_attn_implementation", None) for m in models]
-    switch = not need_maps and all(hasattr(m, "set_attn_implementation") for m in models)
-    if switch:
-        for m in models:
-            m.set_attn_implementation("sdpa")
+    wanted = "eager" if need_maps else "sdpa"  # SDPA returns no attention maps
+    switched = []
+    for m, impl in zip(models, saved):
+        if impl != wanted and hasattr(m, "set_attn_implementation"):
+            try:
+                m.set_attn_implementation(wanted)
+                switched.append((m, impl))
+            except (ValueError, ImportError):  # an architecture without SDPA keeps its own
+                pass
     try:
         yield
     finally:
-        if switch:
-            for m, impl in zip(models, saved):
-                if impl:
-                    m.set_attn_implementation(impl)
+        for m, impl in switched:
+            m.set_attn_implementation(impl or "eager")
 
 
 class DropoutSchedule:
@@ -140,12 +145,15 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: d
           callbacks: Callbacks | None = None, taid: Taid | None = None, resume: bool = False, label: str = "training") -> dict:
     """Train `student` in place against `teacher` on `data` (tokenized: input_ids, attention_mask)."""
     dropout = DropoutSchedule(student, settings.dropout_steps)
+    devices = [next(m.parameters()).device for m in (student, teacher)]
     try:
         with attention_for_training([student, teacher], weights.attention > 0):
             return _train(student, teacher, kind, data, settings, weights, workdir, key, console,
                           callbacks or Callbacks(), taid, resume, label, dropout)
     finally:
         dropout.restore()
+        student.to(devices[0])  # measurement and export run where the models came from (CPU)
+        teacher.to(devices[1])
 
 
 def _prepare(student: torch.nn.Module, teacher: torch.nn.Module, settings: TrainSettings):
@@ -154,7 +162,9 @@ def _prepare(student: torch.nn.Module, teacher: torch.nn.Module, settings: Train
 
     # cpu=True without a GPU: under torchrun / accelerate launch this is what makes it MULTI_CPU (gloo).
     # Some parameters (a BERT pooler) take no part in the distillation loss: DDP must allow that.
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
+    # The loop shards each batch itself, so the scheduler must step once per optimizer step (accelerate
+    # would otherwise step it once per process).
+    acc = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(settings.seed)
     teacher.to(acc.device).eval()
@@ -191,7 +201,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
                 t_out = _forward(teacher, batch, kind, weights.attention > 0)
             s_out = _forward(model, batch, kind, weights.attention > 0)
             loss, parts = distill_loss(kind, s_out, t_out, batch["attention_mask"], weights, callbacks.head_keep(),
-                                       taid.t if taid is not None else None)
+                                       taid.t if taid is not None else None, batch["input_ids"])
             acc.backward(loss)
             callbacks.after_backward(step, acc.unwrap_model(model))
             acc.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -199,7 +209,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
             sched.step()
             opt.zero_grad(set_to_none=True)
             callbacks.after_step(step, acc.unwrap_model(model))
-            value = float(loss.detach())
+            value = float(acc.reduce(loss.detach(), "mean"))  # the same on every rank (TAID, logs)
             first, avg = (value, value) if avg is None else (first, 0.95 * avg + 0.05 * value)
             if taid is not None:
                 taid.update(value, (step + 1) / settings.steps)

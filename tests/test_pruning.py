@@ -157,3 +157,22 @@ def test_homodistil_schedule_is_cubic_from_full_to_target():
     assert values[:11] == [1.0] * 11 and values[70:] == [0.5] * 30
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert values[40] == pytest.approx(0.5 + 0.5 * 0.5 ** 3)  # halfway: (1 - 1/2)^3 of the way left
+
+
+def test_keep_count_is_exact_for_decimal_fractions():
+    from compress.passes.prunable import keep_count
+
+    assert [keep_count(10, 0.7), keep_count(100, 0.45), keep_count(1000, 0.7), keep_count(9, 0.5)] == [3, 55, 300, 5]
+
+
+def test_tie_break_orders_equal_scores_by_magnitude():
+    from compress.passes.prune_homodistil import _tie_break
+
+    (ranks,) = _tie_break([torch.tensor([0.0, 2.0, 0.0, 1.0])], [torch.tensor([5.0, 0.1, 1.0, 3.0])])
+
+    assert ranks.argsort().tolist() == [2, 0, 3, 1]  # zeros first (small magnitude lowest), then 1.0, then 2.0
+
+
+def test_homodistil_rejects_a_schedule_with_no_pruning_phase():
+    with pytest.raises(ConfigError, match="leave no pruning phase"):
+        Pipeline([{"pass": "prune.homodistil", "steps": 10, "initial_warmup": 0.6, "final_phase": 0.3}])
