@@ -41,7 +41,7 @@ class TrainingFields(PassConfig):
     dropout: bool = Field(False, description="keep the model's dropout for the whole training (default: off, so the student can match the eval-mode teacher)")
     w_output: float = Field(1.0, ge=0, le=1000, description="weight of the output loss (embedding cosine / logit KL)")
     w_hidden: float = Field(1.0, ge=0, le=1000, description="weight of the per-layer hidden-state MSE")
-    w_attention: float = Field(0.0, ge=0, le=1000, description="weight of the attention-map MSE (needs eager attention)")
+    w_attention: float = Field(0.0, ge=0, le=1000, description="weight of the attention-map MSE (training then runs with eager attention, slower)")
     temperature: float = Field(2.0, gt=0, le=100, description="softmax temperature of the logit KL")
     w_lm: float = Field(0.0, ge=0, le=1000, description="causal LMs: weight of the next-token cross-entropy on the training text")
 
