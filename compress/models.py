@@ -111,6 +111,8 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
             extra = {"gguf_file": gguf_file(folder)} if gguf_file(folder) else {}
             model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
                                          trust_remote_code=trust_remote_code, **extra)
+            if extra:
+                _forget_gguf_quantizer(model)
     except Exception as exc:  # noqa: BLE001 - corrupt/truncated weights, unknown architecture
         raise ModelLoadError(f"cannot load the model in '{folder}': {type(exc).__name__}: {exc}") from None
     return model.eval(), tokenizer_in(folder), kind
@@ -175,6 +177,17 @@ def load_tokenizer(folder: Path) -> Any:
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # batches need padding; masked positions are never scored
     return tok
+
+
+def _forget_gguf_quantizer(model: Any) -> None:
+    """GGUF weights are dequantized to float on load, but transformers keeps a GGUF 'quantizer' on the
+    model that refuses save_pretrained. The tensors are plain floats: drop the marker so the model
+    saves as ordinary safetensors."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def _has_pruned_bert_heads(config: Any) -> bool:
