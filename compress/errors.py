@@ -47,6 +47,6 @@ class OutputMatchError(Exception):
             flag = "OK  " if r["ok"] else "FAIL"
             lines.append(
                 f"  {flag} {r['name']}: max_abs_diff={r['max_abs_diff']:.3g} "
-                f"(atol {r['atol']:.3g}), cosine={r['cosine']:.6f} (min {r['min_cosine']})"
+                f"(tolerance {r['atol']:.3g}), cosine={r['cosine']:.6f} (min {r['min_cosine']})"
             )
         super().__init__("\n".join(lines))

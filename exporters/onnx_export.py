@@ -24,6 +24,9 @@ class ExportOnnx(PassConfig):
     exporter: Literal["legacy", "dynamo"] = Field(
         "legacy", description="legacy: TorchScript exporter (lets ORT fuse BERT attention); dynamo: torch.export based")
     atol: float = Field(1e-3, gt=0, le=1.0, description="max absolute difference allowed against PyTorch")
+    rtol: float = Field(5e-4, ge=0, le=0.1, description=(
+        "tolerance added per unit of the largest |output|: LM logits reach ~30 and fp32 reordering over 30 layers "
+        "moves them by ~1e-2 (SmolLM2), while MiniLM's export matches to 3e-6"))
     min_cosine: float = Field(0.9999, gt=0, le=1.0, description="min cosine between ONNX and PyTorch outputs")
 
 
@@ -103,7 +106,7 @@ def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
         _export(wrapper, feeds[0], path, state.kind, cfg)
         onnx_run = OnnxRunner(path, state.kind)
         rows = parity.check("export.onnx vs PyTorch", _torch_outputs(wrapper, state.kind), onnx_run.raw, feeds,
-                            cfg.atol, cfg.min_cosine)
+                            cfg.atol, cfg.min_cosine, cfg.rtol)
     finally:
         if previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(previous)

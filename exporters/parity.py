@@ -10,7 +10,8 @@ import numpy as np
 from compress.errors import OutputMatchError
 
 
-def compare_outputs(name: str, ref: np.ndarray, got: np.ndarray, atol: float, min_cosine: float) -> dict:
+def compare_outputs(name: str, ref: np.ndarray, got: np.ndarray, atol: float, min_cosine: float, rtol: float = 0.0) -> dict:
+    """OK when max |got - ref| <= atol + rtol * max |ref| and the cosine is high enough."""
     if ref.shape != got.shape:
         return {"name": name, "max_abs_diff": float("inf"), "cosine": 0.0, "atol": atol,
                 "min_cosine": min_cosine, "ok": False, "shape": f"{got.shape} != {ref.shape}"}
@@ -18,12 +19,13 @@ def compare_outputs(name: str, ref: np.ndarray, got: np.ndarray, atol: float, mi
     diff = float(np.abs(ref64 - got64).max()) if ref64.size else 0.0
     denom = np.linalg.norm(ref64) * np.linalg.norm(got64)
     cos = float(ref64 @ got64 / denom) if denom > 0 else float(np.array_equal(ref64, got64))
-    return {"name": name, "max_abs_diff": diff, "cosine": cos, "atol": atol, "min_cosine": min_cosine,
-            "ok": bool(diff <= atol and cos >= min_cosine)}
+    tol = atol + rtol * (float(np.abs(ref64).max()) if ref64.size else 0.0)
+    return {"name": name, "max_abs_diff": diff, "cosine": cos, "atol": tol, "min_cosine": min_cosine,
+            "ok": bool(diff <= tol and cos >= min_cosine)}
 
 
 def check(what: str, reference: Callable[[dict], dict], candidate: Callable[[dict], dict], feeds: list[dict],
-          atol: float, min_cosine: float) -> list[dict]:
+          atol: float, min_cosine: float, rtol: float = 0.0) -> list[dict]:
     """Run both on every feed; aggregate per output (worst diff, lowest cosine); raise on failure."""
     worst: dict[str, dict] = {}
     for feed in feeds:
@@ -33,7 +35,7 @@ def check(what: str, reference: Callable[[dict], dict], candidate: Callable[[dic
                 row = {"name": name, "max_abs_diff": float("inf"), "cosine": 0.0, "atol": atol,
                        "min_cosine": min_cosine, "ok": False}
             else:
-                row = compare_outputs(name, ref, got_out[name], atol, min_cosine)
+                row = compare_outputs(name, ref, got_out[name], atol, min_cosine, rtol)
             prev = worst.get(name)  # keep the worst row: a failure over a pass, then the largest diff
             if prev is None or (prev["ok"], row["max_abs_diff"]) > (row["ok"], prev["max_abs_diff"]):
                 worst[name] = row
