@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 
 def plain_ort_int8(model_dir: Path, work: Path) -> Path:

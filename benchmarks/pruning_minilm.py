@@ -33,6 +33,11 @@ def recipes(steps: int, lr: float, max_length: int) -> dict[str, list]:
     }
 
 
+def _outdir(work: Path, name: str) -> Path:
+    """'(a) homodistil' -> WORKDIR/a, 'teacher' -> WORKDIR/teacher."""
+    return work / name.split()[0].strip("()")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600)
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = LatencySettings(batch=1, seq=128, threads=args.threads, warmup=10, runs=args.runs)
     reports = {}
     for name, passes in recipes(args.steps, args.lr, args.max_length).items():
-        out = work / name.split()[0].strip("()")
+        out = _outdir(work, name)
         shutil.rmtree(out, ignore_errors=True)
         console.rule(name)
         reports[name] = Pipeline(passes).run("minilm", outdir=out, latency=settings, console=console).report
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     feed = real_feed(tok, data.load("wiki").eval, 1, 128)
     calls = {}
     for name, rep in reports.items():
-        base = work / name.split()[0].strip("()")
+        base = _outdir(work, name)
         for label, stage_name in (("fp32", "optimize.ort"), ("int8", "quant.int8")):
             stage = next(s for s in rep["stages"] if s["name"] == stage_name)
             path = base / "stages" / f"{stage['index']:02d}-{stage_name}" / "model.onnx"

@@ -100,7 +100,7 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
     config = read_hf_config(folder)
     kind = kind_of(config)
     auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}.get(kind, AutoModel)
-    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]  # noqa: E501
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
     if not weights:
         raise ModelLoadError(f"'{folder}' has a config.json but no weights (*.safetensors / *.bin)")
     # Eager attention: ORT's transformer optimizer fuses Attention only for eager exports (STACK.md).
