@@ -1,4 +1,4 @@
-"""The `compress` command line: run, passes, validate, profile.
+"""The `compress` command line: run, passes, validate, profile, decode.
 
 Every user mistake (unknown pass, bad parameter, wrong order, missing or corrupt model, existing
 output) prints one message and exits with code 2; a pass that fails while running exits with 1
@@ -182,6 +182,26 @@ def profile(
         typer.echo(json.dumps(result, indent=2))
         return
     _print_profile(path, result)
+
+
+@app.command()
+@friendly
+def decode(
+    model: Path = typer.Argument(..., help=".riq file written by export.riq"),
+    outdir: Path = typer.Option(..., "--output", "-o", help="output directory (must not exist unless --overwrite)"),
+    weights: str = typer.Option("float", "--weights", help="float: float32 weights; int8: codes that fit stay int8 behind DequantizeLinear (onnx only)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+) -> None:
+    """Rebuild a runnable model (ONNX file, or transformers folder) from a .riq file, bit-exact."""
+    from compress.errors import UserError
+    from compress.exporters.riq_export import decode as decode_riq
+
+    if weights not in ("float", "int8"):
+        raise UserError(f"--weights must be float or int8 (got {weights!r})")
+    info = decode_riq(model, outdir, weights, overwrite)
+    where = outdir / info["model"] if info["model"] != "." else outdir
+    console.print(f"[green]decoded[/green] {model} -> {where} ({info['kind']}; {info['int8_tensors']} int8 tensors; "
+                  f"{info['read_seconds']:.1f} s to decode the file, {info['seconds']:.1f} s in all)")
 
 
 def _print_profile(path: Path, result: dict) -> None:

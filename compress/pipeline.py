@@ -63,6 +63,7 @@ def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, 
         if spec.needs_data(cfg) and not has_data:
             problems.append(f"passes[{i}] '{spec.name}' needs calibration data: give --data FILE or a built-in corpus")
         problems.extend(f"passes[{i}] '{spec.name}': {p}" for p in spec.check(cfg, info))
+        problems.extend(f"passes[{i}] '{spec.name}': {p}" for p in spec.check_order(cfg, form, list(configs[:i])))
         form = spec.gives or form
     return problems
 
@@ -188,7 +189,7 @@ def _run_one(state: ModelState, cfg: PassConfig, ctx: PassContext) -> ModelState
 def _measure_or_inherit(state: ModelState, cfg: PassConfig | None, ref: Reference, max_length: int,
                         settings: LatencySettings, tasks: bool, console: Console, label: str) -> dict:
     """A pass that leaves the model as it is (profile) inherits the previous measurements."""
-    if cfg is not None and not registry.spec_for(cfg).changes_model and state.history:
+    if cfg is not None and not registry.spec_for(cfg).changes(cfg) and state.history:
         prev = state.history[-1]
         return {k: prev[k] for k in ("form", "params", "bytes", "fidelity", "metrics", "latency_ms") if k in prev}
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())

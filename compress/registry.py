@@ -20,6 +20,8 @@ _MODULES: dict[str, str] = {
     "export.ort": "compress.exporters.ort_mobile",
     "quant.int8": "compress.passes.quant_int8",
     "quant.int4": "compress.passes.quant_int4",
+    "quant.riq": "compress.passes.riq",
+    "export.riq": "compress.exporters.riq_export",
     "profile": "compress.passes.profile",
     "prune.homodistil": "compress.passes.prune_homodistil",
     "prune.structured": "compress.passes.prune_structured",
@@ -40,7 +42,13 @@ class PassSpec:
     needs_data: Callable[[PassConfig], bool] = lambda cfg: False
     # check(config, model_info) -> problems found before any work starts (architecture support...)
     check: Callable[[PassConfig, object], list[str]] = lambda cfg, info: []
-    changes_model: bool = True  # False: measurements of the previous stage carry over
+    # False (or a function of the config saying False): measurements of the previous stage carry over
+    changes_model: bool | Callable[[PassConfig], bool] = True
+    # check_order(config, form it gets or None if unknown, earlier configs) -> problems with its place in the list
+    check_order: Callable[[PassConfig, Form | None, list], list[str]] = lambda cfg, form, earlier: []
+
+    def changes(self, cfg: PassConfig) -> bool:
+        return self.changes_model(cfg) if callable(self.changes_model) else self.changes_model
 
 
 def names() -> list[str]:

@@ -90,11 +90,15 @@ def complete_feed(feed: dict[str, np.ndarray], inputs: list[str] | set[str]) -> 
 
 
 class OnnxRunner:
-    def __init__(self, path: Path, kind: str, pooling: str = "mean", threads: int | None = None):
-        self.sess = session(path, threads)
+    def __init__(self, path: Path | None, kind: str, pooling: str = "mean", threads: int | None = None, sess: Any = None):
+        self.sess = sess if sess is not None else session(path, threads)
         self.kind, self.pooling = kind, pooling
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    @classmethod
+    def from_session(cls, sess: Any, kind: str, pooling: str = "mean") -> "OnnxRunner":
+        return cls(None, kind, pooling, sess=sess)
 
     def feed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return complete_feed(feed, self.inputs)

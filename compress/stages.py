@@ -123,6 +123,8 @@ def _has_external_data(path: Path) -> bool:
 
 
 def write_final(state: ModelState, work: Path) -> str:
+    for name, src in state.meta.get("artifacts", {}).items():  # files a pass made beside the model (model.riq)
+        shutil.copy2(src, work / name)
     if state.form == "torch":
         state.model.save_pretrained(work / "model")
         if state.tokenizer is not None:

@@ -15,7 +15,9 @@ from compress.errors import ConfigError, OutputExistsError, PassFailed
 PREFIX = {"torch": [], "onnx": ["export.onnx"], "ort": ["export.onnx", "export.ort"]}
 # Training passes: a few steps on short samples are enough to exercise them.
 FAST = {"steps": 6, "batch_size": 4, "max_length": 32}
-QUICK = {"prune.homodistil": {**FAST, "mask_every": 2}, "distill.kd": FAST}  # prune.structured: one shot
+QUICK = {"prune.homodistil": {**FAST, "mask_every": 2}, "distill.kd": FAST,  # prune.structured: one shot
+         "quant.riq": {"calibration_samples": 8}}
+REQUIRES = {"export.riq": [{"pass": "quant.riq", "calibration_samples": 8}]}  # passes that must come right before
 
 
 def _ops(path) -> set[str]:
@@ -25,12 +27,13 @@ def _ops(path) -> set[str]:
 @pytest.mark.parametrize("name", registry.names())
 def test_pipeline_every_registered_pass_runs_on_tiny_bert(name, tiny_bert, text_file, tmp_path, fast):
     form = registry.get(name).takes[0]
-    passes = [p for p in PREFIX[form] if p != name] + [{"pass": name, **QUICK.get(name, {})}]
+    before = [p for p in PREFIX[form] if p != name] + REQUIRES.get(name, [])
+    passes = before + [{"pass": name, **QUICK.get(name, {})}]
 
     result = Pipeline(passes).run(str(tiny_bert), str(text_file), tmp_path / "out", **fast)
 
     stages = result.report["stages"]
-    assert [s["name"] for s in stages] == ["input", *PREFIX[form][: len(passes) - 1], name]
+    assert [s["name"] for s in stages] == ["input", *(p if isinstance(p, str) else p["pass"] for p in before), name]
     assert all(s["fidelity"]["cosine"] > 0.9 for s in stages)
     assert (tmp_path / "out" / result.report["final"]["path"]).exists()
 

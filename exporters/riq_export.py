@@ -1,0 +1,233 @@
+"""export.riq: write the entropy-coded `.riq` file of a model quantized by quant.riq, and decode it.
+
+The file (format in `riq_format.py`) holds every tensor of the model: quant.riq's tensors as ANS-
+coded integer codes with one bin width each, the rest (biases, norms, small tensors) as raw bytes,
+plus what rebuilds a runnable model: the ONNX graph without its weights (onnx form) or the
+transformers config (torch form). The pass writes it, reads it back and checks that every decoded
+weight is bit-identical to the quantized model's, and reports the compression ratio
+(32 x parameters / bits of the file, tables and graph included).
+
+Decoding (`compress decode MODEL.riq -o OUT`, or `decode()` here) gives:
+- an ONNX file with float32 weights (`weights="float"`), bit-exact with quant.riq's output, or
+- an ONNX file whose tensors with codes in [-127, 127] stay int8 with one scale each, behind a
+  weight-only DequantizeLinear (`weights="int8"`): smaller on disk and in memory, same values
+  (onnxruntime fuses DequantizeLinear -> MatMul into an 8-bit MatMulNBits, so the weights stay
+  int8 at run time; it computes in int8, so outputs differ slightly from the float decode);
+- a transformers folder (config.json + model.safetensors) for a model quantized in the torch form,
+  or a bare model.safetensors state dict for any other torch module (`module_container`).
+On a device, `riq_format.decode_weights(path)` needs only numpy and constriction."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from compress.config import PassConfig
+from compress.errors import UserError
+from compress.exporters import riq_format
+from compress.registry import PassSpec
+from compress.state import ModelState
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "added_tokens.json", "chat_template.jinja")
+
+
+class ExportRiq(PassConfig):
+    pass_name = "export.riq"
+    weights: Literal["float", "int8"] = Field(
+        "float", description="onnx form: the model the pipeline continues with; int8 keeps codes that fit as int8 "
+                             "weights behind DequantizeLinear (smaller in memory), float decodes to float32")
+
+
+# ---- building the container -------------------------------------------------------------------
+
+def coded_or_raw(name: str, array: np.ndarray, deltas: dict[str, float]):
+    """A quantized tensor becomes codes + delta, after checking that codes * delta gives back
+    exactly the float weights quant.riq produced (so the file decodes bit-exact)."""
+    if name not in deltas:
+        return riq_format.RawTensor(name, np.ascontiguousarray(array))
+    delta = np.float32(deltas[name])
+    codes = np.rint(array.astype(np.float32) / delta).astype(np.int32)
+    if not np.array_equal(codes.astype(np.float32) * delta, array.astype(np.float32)) or array.dtype != np.float32:
+        raise ValueError(f"tensor '{name}' is not codes x {delta} in float32: was the model changed after quant.riq?")
+    return riq_format.CodedTensor(name, tuple(array.shape), codes, float(delta))
+
+
+def module_container(model, deltas: dict[str, float], config_json: str | None = None) -> tuple[list, dict[str, bytes]]:
+    """Every tensor of a torch module (tied ones once); with a transformers config, decode gives
+    a folder that `from_pretrained` loads, else a bare safetensors state dict."""
+    from compress.passes.riq import torch_tensors
+
+    tensors = [coded_or_raw(n, t.detach().cpu().numpy(), deltas) for n, t in torch_tensors(model).items()]
+    if config_json is None:
+        return tensors, {"kind": b"state_dict"}
+    return tensors, {"kind": b"transformers", "config.json": config_json.encode()}
+
+
+def _onnx_container(path: Path, deltas: dict[str, float]) -> tuple[list, dict[str, bytes]]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    tensors = []
+    for init in model.graph.initializer:
+        tensors.append(coded_or_raw(init.name, numpy_helper.to_array(init), deltas))
+        init.CopyFrom(onnx.TensorProto(name=init.name, data_type=init.data_type, dims=list(init.dims)))  # no data
+    return tensors, {"kind": b"onnx", "model.onnx": model.SerializeToString()}
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+
+def _fill_graph(graph_bytes: bytes, tensors: list, weights: str):
+    """The stored graph with its initializers filled from the file; int8 weights where they fit."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(graph_bytes)
+    by_name = {t.name: t for t in tensors}
+    dq_nodes, inits = [], []
+    for init in model.graph.initializer:
+        t = by_name[init.name]
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        if isinstance(t, riq_format.CodedTensor) and weights == "int8" and t.codes.size and np.abs(t.codes).max() <= 127:
+            q, s = init.name + "_riq_int8", init.name + "_riq_scale"
+            inits += [numpy_helper.from_array(t.codes.astype(np.int8), q),
+                      numpy_helper.from_array(np.array(t.delta, dtype=np.float32), s)]
+            dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [init.name], name=init.name + "_riq_dq"))
+            continue
+        array = t.weights() if isinstance(t, riq_format.CodedTensor) else t.array
+        inits.append(numpy_helper.from_array(np.asarray(array).astype(dtype, copy=False), init.name))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    nodes = dq_nodes + list(model.graph.node)  # DequantizeLinear first: the graph stays topologically sorted
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if dq_nodes and not any(o.domain in ("", "ai.onnx") and o.version >= 10 for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("", 13))
+    return model, len(dq_nodes)
+
+
+def decode(path: Path, outdir: Path, weights: str = "float", overwrite: bool = False) -> dict:
+    """Rebuild a runnable model from a .riq file into a new folder (written atomically)."""
+    path, outdir = Path(path), Path(outdir)
+    if not path.is_file():
+        raise UserError(f"'{path}' does not exist or is not a file")
+    if outdir.exists() and not overwrite:
+        raise UserError(f"output directory '{outdir}' already exists: choose another -o, or pass --overwrite")
+    t0 = time.perf_counter()
+    try:
+        tensors, meta = riq_format.read(path)
+    except riq_format.RiqFormatError as exc:
+        raise UserError(str(exc)) from None
+    seconds_read = time.perf_counter() - t0
+    kind = meta.get("kind", b"").decode()
+    if kind not in ("onnx", "transformers", "state_dict"):
+        raise UserError(f"'{path}' holds no model this version can rebuild (kind {kind!r}); was it written by export.riq?")
+    if kind != "onnx" and weights != "float":
+        raise UserError("int8 weights need a model quantized in the onnx form (quant.riq after export.onnx); "
+                        f"this file holds a torch {kind}: decode with --weights float")
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    try:
+        info = _write_decoded(tmp, kind, tensors, meta, weights)
+        for name in TOKENIZER_FILES:  # a run directory keeps the tokenizer beside the file, or in model/
+            for src in (path.parent / name, path.parent / "model" / name):
+                if src.is_file() and not (tmp / name).exists():
+                    shutil.copy2(src, tmp / name)
+        if outdir.exists():
+            shutil.rmtree(outdir)
+        tmp.rename(outdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**info, "kind": kind, "read_seconds": seconds_read, "seconds": time.perf_counter() - t0}
+
+
+def _write_decoded(folder: Path, kind: str, tensors: list, meta: dict[str, bytes], weights: str) -> dict:
+    if kind == "onnx":
+        import onnx
+
+        model, n_int8 = _fill_graph(meta["model.onnx"], tensors, weights)
+        onnx.save(model, str(folder / "model.onnx"), save_as_external_data=model.ByteSize() > 1_800_000_000,
+                  location="model.onnx.data")
+        return {"model": "model.onnx", "int8_tensors": n_int8}
+    from safetensors.numpy import save_file
+
+    arrays = {t.name: t.weights() if isinstance(t, riq_format.CodedTensor) else t.array for t in tensors}
+    save_file({n: np.ascontiguousarray(a) for n, a in arrays.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    if "config.json" in meta:
+        (folder / "config.json").write_text(json.dumps(json.loads(meta["config.json"]), indent=2))
+    return {"model": "." if "config.json" in meta else "model.safetensors", "int8_tensors": 0}
+
+
+# ---- the pass ----------------------------------------------------------------------------------
+
+def _params(tensors: list) -> int:
+    return sum(int(np.prod(t.shape)) if isinstance(t, riq_format.CodedTensor) else t.array.size for t in tensors)
+
+
+def _verify(path: Path, tensors: list) -> None:
+    back, _ = riq_format.read(path)
+    want = {t.name: t for t in tensors}
+    for t in back:
+        a = t.weights() if isinstance(t, riq_format.CodedTensor) else t.array
+        w = want[t.name]
+        b = w.weights() if isinstance(w, riq_format.CodedTensor) else w.array
+        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+            raise ValueError(f"tensor '{t.name}' does not decode bit-exact from {path.name}")
+
+
+def run(state: ModelState, cfg: ExportRiq, ctx) -> ModelState:
+    riq = state.meta.get("riq")
+    if not riq or riq.get("form") != state.form:
+        raise ValueError("export.riq needs the model quant.riq produced, in the same form: put it right after quant.riq")
+    if cfg.weights == "int8" and state.form != "onnx":
+        raise ValueError("weights=int8 needs the onnx form (quant.riq after export.onnx)")
+    with ctx.console.status("entropy coding the quantized tensors"):
+        t0 = time.perf_counter()
+        tensors, meta = (_onnx_container(state.path, riq["deltas"]) if state.form == "onnx"
+                         else module_container(state.model, riq["deltas"], state.model.config.to_json_string()))
+        dst = ctx.workdir / "model.riq"
+        riq_format.write(dst, tensors, meta)
+        encode_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _verify(dst, tensors)
+        decode_s = time.perf_counter() - t0
+    params, nbytes = _params(tensors), dst.stat().st_size
+    ctx.notes["riq_file"] = {"bytes": nbytes, "params": params, "ratio": 32 * params / (8 * nbytes),
+                             "bits_per_param": 8 * nbytes / params, "encode_seconds": round(encode_s, 3),
+                             "decode_seconds": round(decode_s, 3), "bit_exact": True}
+    ctx.console.print(f"    model.riq: {nbytes / 1e6:.2f} MB, ratio {32 * params / (8 * nbytes):.2f}x, "
+                      f"encode {encode_s:.1f} s, decode + check {decode_s:.1f} s")
+    artifacts = {**state.meta.get("artifacts", {}), "model.riq": str(dst)}
+    if state.form == "onnx" and cfg.weights == "int8":
+        out = ctx.workdir / "decoded"
+        info = decode(dst, out, "int8")
+        ctx.notes["riq_file"]["int8_tensors"] = info["int8_tensors"]
+        return state.with_file(out / "model.onnx", "onnx", artifacts=artifacts)
+    return replace(state, meta={**state.meta, "artifacts": artifacts})
+
+
+def _check_order(cfg: ExportRiq, form: str | None, earlier: list) -> list[str]:
+    from compress import registry
+
+    changing = [c.pass_name for c in earlier if c is not None and registry.spec_for(c).changes(c)]
+    problems = []
+    if not changing or changing[-1] != "quant.riq":
+        problems.append("export.riq writes what quant.riq quantized: put it right after quant.riq "
+                        f"(the model-changing pass before it is {changing[-1] if changing else 'none'})")
+    if cfg.weights == "int8" and form not in (None, "onnx"):
+        problems.append("weights=int8 needs the onnx form: run quant.riq after export.onnx, or use weights=float")
+    return problems
+
+
+PASS = PassSpec(name="export.riq", config=ExportRiq, run=run, takes=("torch", "onnx"), gives=None,
+                changes_model=lambda cfg: cfg.weights == "int8", check_order=_check_order,
+                summary="Write the entropy-coded .riq file of a quant.riq model (bit-exact decode checked); ratio in the report.")

@@ -1,0 +1,317 @@
+"""quant.riq: rotation-invariant mixed-precision quantization (RIQ).
+
+Paper: "Rotation Invariant Quantization for Model Compression", Kampeas et al., arXiv 2303.03106.
+"Rotation invariant" is the distortion measure (cosine distance). Its optimum gives every layer a
+bin width proportional to its norm, and ONE scalar `k` sets the rate of the whole model:
+
+    delta_l(k) = ||w_l||_2 * (1/k + eps * sqrt(24 / n_l)),   eps = 0.01,   codes = round(w / delta_l)
+
+so layers get different bit widths. A worked number (all-MiniLM-L6-v2 near the k this pass finds,
+k ~ 2000): the 384x384 attention matrices (n = 147k) get delta ~ 0.24 rms (about 4.5 bits of
+entropy per weight), the 30522x384 word embedding (n = 11.7M) delta ~ 1.7 rms (about 1.5 bits).
+
+The pass searches the smallest k (coarsest bins) whose quantized model keeps the mean output
+cosine against the unquantized model >= 1 - D on calibration text from the state (training part,
+never the held-out part): a coarse-to-fine scan from k_lo = sqrt(n_max/24)/(1-eps) with step
+s = sqrt(k_hi - k_lo), narrowing s <- sqrt(s) below each first feasible k until s <= 3 (a few
+dozen forward passes). During the search the size is estimated by the codes' empirical entropy.
+
+Quantized: floating tensors with > 512 elements and > 1 dimension (embeddings included), or the
+subset chosen by `include` / `exclude` (names or `re:` patterns). Zeros stay exactly zero, so
+pruned weights cost almost nothing once `export.riq` entropy-codes the codes (prune first).
+Output: the same form with the weights replaced by codes * delta (float), and the per-tensor bin
+widths in the state for `export.riq`, which writes the entropy-coded `.riq` file.
+When to use: to make the smallest file to ship or store (download size), with one accuracy knob."""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from compress.config import PassConfig
+from compress.passes.selection import validate_patterns
+from compress.registry import PassSpec
+from compress.state import ModelState
+
+EPS = 0.01
+MIN_ELEMENTS = 512
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+class QuantRiq(PassConfig):
+    pass_name = "quant.riq"
+    deviation: float = Field(0.005, gt=0, lt=1, description="allowed output deviation D: keep mean output cosine >= 1 - D on calibration text")
+    calibration_samples: int = Field(64, ge=1, le=4096, description="training samples the output deviation is measured on")
+    include: list[str] = Field(default_factory=list, description="tensor names or 're:' patterns to quantize; empty = every float tensor with > 512 elements and > 1 dim")
+    exclude: list[str] = Field(default_factory=list, description="tensor names or 're:' patterns to keep in float")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        problems = validate_patterns(v)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+
+# ---- the quantizer itself: numpy only ---------------------------------------------------------
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any((p.startswith("re:") and re.search(p[3:], name)) or p == name for p in patterns)
+
+
+def eligible(name: str, array: np.ndarray, include: list[str] = (), exclude: list[str] = ()) -> bool:
+    if array.dtype not in FLOAT_DTYPES or _matches(name, list(exclude)):
+        return False
+    if include:
+        return _matches(name, list(include))
+    return array.size > MIN_ELEMENTS and array.ndim > 1
+
+
+def bin_width(norm: float, n: int, k: float) -> np.float32:
+    """delta_l(k); float32 because the codes are multiplied by exactly this value on decode."""
+    return np.float32(norm * (1.0 / k + EPS * math.sqrt(24.0 / n)))
+
+
+def quantize(w: np.ndarray, delta: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """codes = round(w / delta) (half to even), w_hat = codes * delta in float32 (the decode rule)."""
+    codes = np.rint(w.astype(np.float32) / delta).astype(np.int32)
+    return codes, codes.astype(np.float32) * delta
+
+
+def entropy_bits(codes: np.ndarray) -> float:
+    """n * H(codes), the size an ideal entropy coder reaches (tables not counted)."""
+    flat = codes.ravel()
+    if flat.size == 0:
+        return 0.0
+    lo, hi = int(flat.min()), int(flat.max())
+    counts = np.bincount(flat - lo) if hi - lo < 1 << 24 else np.unique(flat, return_counts=True)[1]
+    p = counts[counts > 0] / flat.size
+    return float(-(counts[counts > 0] * np.log2(p)).sum())
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.clip(den, 1e-30, None)
+
+
+@dataclass
+class Search:
+    """The k search over a model's tensors. `apply(weights)` puts float weights into the model;
+    `outputs()` runs the calibration data and returns 2-D rows (samples or tokens, features)."""
+
+    originals: dict[str, np.ndarray]
+    apply: Callable[[dict[str, np.ndarray]], None]
+    outputs: Callable[[], np.ndarray]
+    deviation: float
+    progress: Callable[[str], None] = lambda msg: None
+    trace: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.originals:
+            raise ValueError("no tensor to quantize: no float tensor has > 512 elements and > 1 dim "
+                             "(or include/exclude left none)")
+        self.norms = {n: float(np.linalg.norm(w.astype(np.float64))) for n, w in self.originals.items()}
+        self.reference = self.outputs()
+        self._memo: dict[float, float] = {}
+
+    def quantized(self, k: float) -> tuple[dict[str, np.ndarray], dict[str, np.float32], dict[str, np.ndarray]]:
+        weights, deltas, codes = {}, {}, {}
+        for name, w in self.originals.items():
+            deltas[name] = bin_width(self.norms[name], w.size, k)
+            codes[name], weights[name] = quantize(w, deltas[name])
+        return weights, deltas, codes
+
+    def cosine(self, k: float) -> float:
+        if k not in self._memo:
+            weights, _, codes = self.quantized(k)
+            self.apply(weights)
+            cos = float(row_cosines(self.outputs(), self.reference).mean())
+            bits = sum(entropy_bits(c) for c in codes.values())
+            n = sum(c.size for c in codes.values())
+            self._memo[k] = cos
+            self.trace.append({"k": round(k, 3), "cosine": cos, "bits_per_weight": bits / n})
+            self.progress(f"k={k:.1f}: cosine {cos:.5f}, {bits / n:.2f} bits/weight (entropy)")
+        return self._memo[k]
+
+    def feasible(self, k: float) -> bool:
+        return self.cosine(k) >= 1.0 - self.deviation
+
+    def run(self) -> float:
+        """Smallest feasible k on the paper's coarse-to-fine grid."""
+        root = math.sqrt(max(w.size for w in self.originals.values()) / 24.0)
+        k_lo, k_hi = root / (1 - EPS), root / EPS**1.5
+        step, start, best = math.sqrt(k_hi - k_lo), k_lo, None
+        while True:
+            k, stop = start, best if best is not None else k_hi + step / 2
+            while k < stop:
+                if self.feasible(k):
+                    best = k
+                    break
+                k += step
+            if best is None:
+                raise ValueError(f"even the finest bins (k={k_hi:.0f}) give a mean output cosine of "
+                                 f"{self._memo[max(self._memo)]:.5f} < {1 - self.deviation:.5f}: raise the deviation D")
+            if best <= k_lo or step <= 3:
+                return best
+            start, step = max(k_lo, best - step), math.sqrt(step)
+
+
+def layer_table(originals: dict[str, np.ndarray], deltas: dict[str, np.float32],
+                codes: dict[str, np.ndarray]) -> list[dict]:
+    rows = []
+    for name, c in codes.items():
+        peak = int(np.abs(c).max()) if c.size else 0
+        rows.append({"name": name, "shape": list(originals[name].shape), "params": int(c.size),
+                     "delta": float(deltas[name]), "symbols": int(np.unique(c).size),
+                     "bits_per_weight": round(entropy_bits(c) / max(c.size, 1), 4),
+                     "zeros": round(float((c == 0).mean()), 4),
+                     "fits": "int4" if peak <= 7 else "int8" if peak <= 127 else "int16" if peak < 1 << 15 else "int32"})
+    return rows
+
+
+def quantize_model(originals: dict[str, np.ndarray], apply: Callable[[dict[str, np.ndarray]], None],
+                   outputs: Callable[[], np.ndarray], deviation: float = 0.005,
+                   progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Search k, leave the model holding the quantized weights, return what export.riq and the
+    report need: k, per-tensor deltas, codes, the layer table and the search trace."""
+    t0 = time.perf_counter()
+    search = Search(originals, apply, outputs, deviation, progress)
+    k = search.run()
+    weights, deltas, codes = search.quantized(k)
+    apply(weights)
+    n = sum(c.size for c in codes.values())
+    return {"k": k, "deviation": deviation, "calibration_cosine": search._memo[k], "deltas": deltas,
+            "codes": codes, "weights": weights, "layers": layer_table(originals, deltas, codes),
+            "trace": search.trace, "evaluations": len(search.trace), "quantized_params": n,
+            "entropy_bits_per_weight": sum(entropy_bits(c) for c in codes.values()) / n,
+            "search_seconds": time.perf_counter() - t0}
+
+
+# ---- the pass: torch and ONNX forms -----------------------------------------------------------
+
+def _calibration_feeds(state: ModelState, cfg: QuantRiq, max_length: int) -> list[dict[str, np.ndarray]]:
+    from compress.runtime import batches
+
+    return list(batches(state.tokenizer, state.data.train[: cfg.calibration_samples], max_length))
+
+
+def _rows(kind: str, out: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Outputs compared by cosine: an embedding / logit vector per sample, per real token for an LM."""
+    return out[mask.astype(bool)] if kind == "causal-lm" else out.reshape(len(out), -1)
+
+
+def torch_tensors(model) -> dict[str, "object"]:
+    """name -> parameter, each shared (tied) tensor once, under its first state_dict name."""
+    seen, out = set(), {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[name] = t
+    return out
+
+
+def quantize_module(model, outputs: Callable[[], np.ndarray], deviation: float = 0.005, include: list[str] = (),
+                    exclude: list[str] = (), progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """RIQ on any torch module in place: `outputs()` runs the calibration data through `model`
+    and returns 2-D rows (e.g. a CNN's logits on calibration images)."""
+    import torch
+
+    params = {n: t for n, t in torch_tensors(model).items()
+              if t.is_floating_point() and eligible(n, t.detach().cpu().numpy(), include, exclude)}
+
+    def apply(weights: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, w in weights.items():
+                params[name].copy_(torch.from_numpy(w))
+
+    originals = {n: t.detach().cpu().numpy().copy() for n, t in params.items()}
+    return quantize_model(originals, apply, outputs, deviation, progress)
+
+
+def _run_torch(state: ModelState, cfg: QuantRiq, feeds: list, progress) -> tuple[ModelState, dict]:
+    import copy
+
+    from compress.runtime import TorchRunner
+
+    model = copy.deepcopy(state.model).eval()
+    run = TorchRunner(model, state.kind, state.meta.get("pooling", "mean"))
+
+    def outputs() -> np.ndarray:
+        return np.concatenate([_rows(state.kind, run(f), f["attention_mask"]) for f in feeds])
+
+    result = quantize_module(model, outputs, cfg.deviation, cfg.include, cfg.exclude, progress)
+    return state.with_torch(model), result
+
+
+def _onnx_initializers(path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def _run_onnx(state: ModelState, cfg: QuantRiq, feeds: list, progress, dst) -> tuple[ModelState, dict]:
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from compress.runtime import OnnxRunner
+
+    originals = {n: a for n, a in _onnx_initializers(state.path).items() if eligible(n, a, cfg.include, cfg.exclude)}
+    current: dict = {"runner": OnnxRunner(state.path, state.kind, state.meta.get("pooling", "mean"))}
+
+    def apply(weights: dict[str, np.ndarray]) -> None:
+        # Session-level initializer overrides: no re-serialisation of the graph per k.
+        so = ort.SessionOptions()
+        values = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)) for n, w in weights.items()}
+        for name, value in values.items():
+            so.add_initializer(name, value)
+        sess = ort.InferenceSession(str(state.path), so, providers=["CPUExecutionProvider"])
+        current["runner"] = OnnxRunner.from_session(sess, state.kind, state.meta.get("pooling", "mean"))
+        current["values"] = values  # the session reads these buffers: keep them alive with it
+
+    def outputs() -> np.ndarray:
+        return np.concatenate([_rows(state.kind, current["runner"](f), f["attention_mask"]) for f in feeds])
+
+    result = quantize_model(originals, apply, outputs, cfg.deviation, progress)
+    model = onnx.load(str(state.path))
+    for init in model.graph.initializer:
+        if init.name in result["weights"]:
+            init.CopyFrom(numpy_helper.from_array(result["weights"][init.name].astype(originals[init.name].dtype), init.name))
+    onnx.save(model, str(dst), save_as_external_data=model.ByteSize() > 1_800_000_000, location=dst.name + ".data")
+    return state.with_file(dst, "onnx"), result
+
+
+def run(state: ModelState, cfg: QuantRiq, ctx) -> ModelState:
+    feeds = _calibration_feeds(state, cfg, ctx.max_length)
+    with ctx.console.status(f"searching the RIQ scale k on {min(cfg.calibration_samples, len(state.data.train))} "
+                            f"training samples (D={cfg.deviation})") as status:
+        def progress(msg: str) -> None:
+            status.update(f"searching the RIQ scale k: {msg}")
+
+        if state.form == "torch":
+            new, result = _run_torch(state, cfg, feeds, progress)
+        else:
+            new, result = _run_onnx(state, cfg, feeds, progress, ctx.workdir / "model.onnx")
+    ctx.notes["riq"] = {k: result[k] for k in ("k", "deviation", "calibration_cosine", "evaluations",
+                                                 "quantized_params", "entropy_bits_per_weight", "search_seconds")}
+    ctx.notes["riq"]["estimated_ratio"] = 32 / result["entropy_bits_per_weight"]
+    ctx.notes["riq_layers"] = result["layers"]
+    ctx.notes["riq_search"] = result["trace"]
+    ctx.console.print(f"    RIQ k={result['k']:.1f} after {result['evaluations']} evaluations: calibration cosine "
+                      f"{result['calibration_cosine']:.5f}, {result['entropy_bits_per_weight']:.2f} bits/weight (entropy)")
+    deltas = {name: float(d) for name, d in result["deltas"].items()}
+    return replace(new, meta={**new.meta, "riq": {"k": result["k"], "deviation": cfg.deviation, "form": new.form,
+                                                  "deltas": deltas}})
+
+
+PASS = PassSpec(name="quant.riq", config=QuantRiq, run=run, takes=("torch", "onnx"), gives=None,
+                needs_data=lambda cfg: True,
+                summary="RIQ mixed-precision quantization: one scale k, per-layer bin widths, meets an output deviation D.")

@@ -1,0 +1,170 @@
+"""quant.riq and export.riq on tiny models: the bin-width rule, the k search meets D, the file's
+ratio matches its size, decode is bit-exact (float and int8 weights), order and input errors."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from compress import Pipeline
+from compress.cli import app
+from compress.errors import ConfigError
+from compress.exporters.riq_export import decode
+from compress.passes import riq
+
+
+def _inits(path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_bin_width_follows_the_paper_formula():
+    # ||w|| = 2, n = 2400, k = 100: 2 * (1/100 + 0.01 * sqrt(24/2400)) = 2 * 0.011 = 0.022
+    assert riq.bin_width(2.0, 2400, 100.0) == pytest.approx(0.022, rel=1e-6)
+
+
+def test_quantize_keeps_zeros_exactly_zero_and_is_codes_times_delta():
+    w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    w[:, :32] = 0.0
+    delta = riq.bin_width(float(np.linalg.norm(w)), w.size, 300.0)
+
+    codes, w_hat = riq.quantize(w, delta)
+
+    assert (codes[:, :32] == 0).all() and (w_hat[:, :32] == 0).all()
+    assert np.array_equal(w_hat, codes.astype(np.float32) * delta)
+    assert np.abs(w_hat - w).max() <= delta / 2 * (1 + 1e-6)
+
+
+def test_eligible_tensors_are_float_with_more_than_512_elements_and_2_dims():
+    big, bias, small = np.zeros((32, 32), np.float32), np.zeros(2048, np.float32), np.zeros((16, 32), np.float32)
+
+    assert riq.eligible("w", big) and not riq.eligible("b", bias) and not riq.eligible("s", small)
+    assert not riq.eligible("ids", np.zeros((32, 32), np.int64))
+    assert not riq.eligible("w", big, exclude=["re:^w$"]) and riq.eligible("s", small, include=["s"])
+
+
+def test_entropy_bits_of_a_uniform_4_symbol_tensor_is_2_bits_each():
+    codes = np.tile(np.array([-1, 0, 1, 2], np.int32), 250)
+
+    assert riq.entropy_bits(codes) == pytest.approx(2 * 1000)
+
+
+@pytest.mark.parametrize("form", ["torch", "onnx"])
+def test_riq_search_meets_deviation_and_k_is_smallest_feasible_on_its_grid(form, tiny_bert_sharp, text_file, tmp_path, fast):
+    passes = (["export.onnx"] if form == "onnx" else []) + [{"pass": "quant.riq", "deviation": 0.01, "calibration_samples": 8}]
+
+    result = Pipeline(passes).run(str(tiny_bert_sharp), str(text_file), tmp_path / "out", **fast)
+
+    stage = result.report["stages"][-1]
+    assert stage["riq"]["calibration_cosine"] >= 0.99
+    trace = stage["riq_search"]
+    k = stage["riq"]["k"]
+    below = [t for t in trace if t["k"] < round(k, 3)]
+    assert below and all(t["cosine"] < 0.99 for t in below)  # every coarser k tried was infeasible
+    assert stage["fidelity"]["cosine"] > 0.98  # held-out, not the calibration text
+    layers = {row["name"]: row for row in stage["riq_layers"]}
+    assert len({row["bits_per_weight"] for row in layers.values()}) > 1  # mixed precision
+
+
+def test_riq_after_prune_zeros_cost_almost_nothing():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    with torch.no_grad():
+        model[0].weight[:, 32:] = 0.0  # half the inputs pruned
+    x = torch.randn(128, 64)
+
+    def outputs() -> np.ndarray:
+        with torch.no_grad():
+            return model(x).numpy()
+
+    result = riq.quantize_module(model, outputs, deviation=0.01)
+
+    assert (model[0].weight[:, 32:] == 0).all()
+    assert result["calibration_cosine"] >= 0.99
+    row = next(r for r in result["layers"] if r["name"] == "0.weight")
+    assert row["zeros"] >= 0.5
+
+
+@pytest.mark.parametrize("form", ["torch", "onnx"])
+def test_export_riq_ratio_matches_file_size_and_decode_is_bit_exact(form, tiny_bert, text_file, tmp_path, fast):
+    passes = (["export.onnx"] if form == "onnx" else []) + [{"pass": "quant.riq", "calibration_samples": 8}, "export.riq"]
+    out = tmp_path / "out"
+
+    result = Pipeline(passes).run(str(tiny_bert), str(text_file), out, **fast)
+
+    info = result.report["stages"][-1]["riq_file"]
+    nbytes = (out / "model.riq").stat().st_size
+    assert info["bytes"] == nbytes
+    assert info["ratio"] == pytest.approx(32 * info["params"] / (8 * nbytes))
+    assert info["ratio"] > 4  # 32-bit floats down to a few bits each
+    decoded = decode(out / "model.riq", tmp_path / "dec")
+    if form == "onnx":
+        want, got = _inits(out / "model.onnx"), _inits(tmp_path / "dec" / "model.onnx")
+    else:
+        from safetensors.numpy import load_file
+
+        want, got = load_file(str(out / "model" / "model.safetensors")), load_file(str(tmp_path / "dec" / "model.safetensors"))
+        assert (tmp_path / "dec" / "config.json").is_file()
+    assert want.keys() == got.keys() and all(want[n].tobytes() == got[n].tobytes() for n in want)
+    assert decoded["seconds"] < 30
+
+
+def test_export_riq_int8_weights_graph_matches_float_decode(tiny_bert, text_file, tmp_path, fast):
+    from compress.runtime import OnnxRunner, tokenize
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    Pipeline(["export.onnx", {"pass": "quant.riq", "calibration_samples": 8}, {"pass": "export.riq", "weights": "int8"}]).run(
+        str(tiny_bert), str(text_file), out, **fast)
+    decode(out / "model.riq", tmp_path / "float")
+    feed = tokenize(AutoTokenizer.from_pretrained(tiny_bert), ["the cat sat on the mat", "a second sentence"], 32)
+
+    int8 = OnnxRunner(out / "model.onnx", "encoder").raw(feed)
+    ref = OnnxRunner(tmp_path / "float" / "model.onnx", "encoder").raw(feed)
+
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) >= 10
+    inits, floats = {i.name: numpy_helper.to_array(i) for i in graph.initializer}, _inits(tmp_path / "float" / "model.onnx")
+    for node in (n for n in graph.node if n.op_type == "DequantizeLinear"):  # same weights, bit for bit
+        q, scale = inits[node.input[0]], inits[node.input[1]]
+        assert q.dtype == np.int8 and np.array_equal(q.astype(np.float32) * scale, floats[node.output[0]])
+    # ORT fuses DequantizeLinear -> MatMul into an 8-bit MatMulNBits computing in int8: close, not equal
+    np.testing.assert_allclose(int8["last_hidden_state"], ref["last_hidden_state"], atol=2e-3)
+    assert (out / "model.onnx").stat().st_size < 0.5 * (tmp_path / "float" / "model.onnx").stat().st_size
+
+
+def test_export_riq_without_quant_riq_before_it_is_rejected_before_work(tiny_bert, tmp_path):
+    with pytest.raises(ConfigError, match="right after quant.riq"):
+        Pipeline(["export.onnx", "export.riq"]).validate(str(tiny_bert))
+    with pytest.raises(ConfigError, match="needs the onnx form"):
+        Pipeline(["quant.riq", {"pass": "export.riq", "weights": "int8"}]).validate(str(tiny_bert))
+
+
+def test_cli_decode_of_a_corrupt_file_exits_2_with_one_message(tmp_path):
+    bad = tmp_path / "bad.riq"
+    bad.write_bytes(b"RIQ\x00" + bytes(range(200)))
+
+    result = CliRunner().invoke(app, ["decode", str(bad), "-o", str(tmp_path / "dec")])
+
+    assert result.exit_code == 2
+    assert "error:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "dec").exists()
+
+
+def test_cli_decode_writes_a_runnable_onnx(tiny_bert, text_file, tmp_path, fast):
+    out = tmp_path / "out"
+    Pipeline(["export.onnx", {"pass": "quant.riq", "calibration_samples": 8}, "export.riq"]).run(
+        str(tiny_bert), str(text_file), out, **fast)
+
+    result = CliRunner().invoke(app, ["decode", str(out / "model.riq"), "-o", str(tmp_path / "dec"), "--weights", "int8"])
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "dec" / "tokenizer.json").is_file()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "dec" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {o.name for o in sess.get_outputs()} >= {"last_hidden_state", "sentence_embedding"}
+    assert "decoded" in result.output
