@@ -1,0 +1,157 @@
+"""RIQ on all-MiniLM-L6-v2 next to the usual formats, from ONE run on this machine.
+
+Rows (all from the same fp32 ONNX export of the built-in MiniLM):
+- fp32 ONNX, and zstd (level 19) of that file: lossless;
+- int8: quant.int8 (dynamic, per-channel; every weight incl. the embeddings, via onnxruntime's quantizer);
+- int4: quant.int4 (MatMulNBits, block 32; embeddings stay fp32);
+- RIQ at deviation D: the `.riq` file of export.riq (every weight tensor entropy coded), its decoded
+  int8-weight ONNX (weight-only DequantizeLinear where the codes fit in int8, float elsewhere: what
+  runs on a device), and the same after
+  prune.homodistil (heads 0.5, FFN 0.5) unless --prune-steps 0.
+Ratio = 32 x parameters / bits of the file (graph, tables and float tensors included); for the pruned
+model also against the dense model's parameters. Fidelity = mean cosine of sentence embeddings
+against fp32 PyTorch on the held-out split of the built-in wiki text; Lee-50 and polarity-200 as in
+the reports. Latency: batch 1, seq 128, pinned threads, interleaved rounds; peak memory of a fresh
+process (VmHWM).
+
+    python benchmarks/riq_minilm.py [--deviation 0.005] [--prune-steps 600] [--threads 2] [--runs 100] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def zstd_bytes(path: Path, level: int = 19) -> int:
+    import zstandard
+
+    return len(zstandard.ZstdCompressor(level=level).compress(path.read_bytes()))
+
+
+def _stage(result, name: str) -> dict:
+    return next(s for s in result.report["stages"] if s["name"] == name)
+
+
+def _row(name: str, stage: dict, nbytes: int, params: int, dense_params: int, path: Path | None) -> dict:
+    fid, met = stage.get("fidelity") or {}, stage.get("metrics") or {}
+    return {"format": name, "bytes": nbytes, "params": params, "ratio": 32 * params / (8 * nbytes),
+            "ratio_vs_dense": 32 * dense_params / (8 * nbytes), "cosine": fid.get("cosine"),
+            "cosine_min": fid.get("cosine_min"), "lee50": met.get("lee50"), "polarity": met.get("polarity"), "path": path}
+
+
+def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
+    from compress import Pipeline
+
+    riq = [{"pass": "quant.riq", "deviation": args.deviation}, {"pass": "export.riq", "weights": "int8"}]
+    runs = {"riq": ["export.onnx", *riq], "int8": ["export.onnx", "quant.int8"],
+            "int4": ["export.onnx", {"pass": "quant.int4", "block_size": 32}]}
+    if args.prune_steps:
+        prune = {"pass": "prune.homodistil", "heads": 0.5, "ffn": 0.5, "steps": args.prune_steps, "lr": 3e-4,
+                 "max_length": 64}
+        runs["pruned riq"] = [prune, "export.onnx", *riq]
+    results = {}
+    for name, passes in runs.items():
+        console.rule(f"{name}: {' -> '.join(p if isinstance(p, str) else p['pass'] for p in passes)}")
+        results[name] = Pipeline(passes).run("minilm", outdir=work / name.replace(" ", "_"), console=console)
+
+    fp32 = _stage(results["riq"], "export.onnx")
+    fp32_path = work / "riq" / "stages" / "01-export.onnx" / "model.onnx"
+    dense = fp32["params"]
+    rows = [_row("fp32 ONNX", fp32, fp32_path.stat().st_size, dense, dense, fp32_path),
+            _row("zstd-19 of fp32 ONNX", fp32, zstd_bytes(fp32_path), dense, dense, None)]
+    for name in ("int8", "int4"):
+        stage = results[name].report["stages"][-1]
+        rows.append(_row(f"{name} ({'per-channel' if name == 'int8' else 'MatMulNBits b32'})", stage,
+                         stage["bytes"], dense, dense, work / name / "model.onnx"))
+    files = {}
+    for name in [n for n in ("riq", "pruned riq") if n in results]:
+        res, folder = results[name], work / name.replace(" ", "_")
+        q, e = _stage(res, "quant.riq"), _stage(res, "export.riq")
+        params = e["riq_file"]["params"]
+        rows.append(_row(f"{name} .riq (D={args.deviation})", q, e["riq_file"]["bytes"], params, dense, None))
+        rows.append(_row(f"{name} decoded int8-weight ONNX", e, (folder / "model.onnx").stat().st_size, params, dense,
+                         folder / "model.onnx"))
+        files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
+                       "evaluations": q["riq"]["evaluations"], "float_onnx": folder / "stages" / "02-quant.riq" / "model.onnx"
+                       if name == "riq" else None}
+    return rows, files
+
+
+def timings(rows: list[dict], files: dict, args, work: Path) -> dict:
+    from compress import data, models
+    from compress.profiling import LatencySettings, peak_memory_mb, real_feed, time_interleaved
+    from compress.runtime import OnnxRunner
+
+    tok = models.load_tokenizer(models.alias_path("minilm"))
+    feed = real_feed(tok, data.load("wiki").eval, 1, 128)
+    settings = LatencySettings(batch=1, seq=128, threads=args.threads, warmup=10, runs=args.runs)
+    paths = {r["format"]: r["path"] for r in rows if r["path"] is not None}
+    if files.get("riq", {}).get("float_onnx"):
+        paths["riq decoded fp32 ONNX"] = files["riq"]["float_onnx"]
+    calls = {}
+    for name, path in paths.items():
+        runner = OnnxRunner(path, "encoder", threads=args.threads)
+        inputs = runner.feed(feed)
+        calls[name] = (lambda r=runner, i=inputs: r.sess.run(None, i))
+    lat = time_interleaved(calls, settings, rounds=10)
+    out = {}
+    for name, path in paths.items():
+        inputs = OnnxRunner(path, "encoder", threads=args.threads).feed(feed)
+        out[name] = {"p50_ms": lat[name]["p50"], **peak_memory_mb(path, inputs, settings, work)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deviation", type=float, default=0.005)
+    ap.add_argument("--prune-steps", type=int, default=600, help="prune.homodistil steps; 0 skips the pruned model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    torch.set_num_threads(args.threads)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-riq-"))
+    for sub in ("riq", "int8", "int4", "pruned_riq"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    console = Console(stderr=True)
+    rows, files = run_all(args, work, console)
+    lat = timings(rows, files, args, work)
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    table = Table("format", "MB", "params", "ratio", "ratio vs dense", "held-out cos", "min cos", "Lee-50", "polarity",
+                  "p50 ms", "peak MB", title=f"MiniLM: RIQ at D={args.deviation} vs usual formats (ratio = 32 x params / file bits)")
+    for r in rows:
+        t = lat.get(r["format"], {})
+        table.add_row(r["format"], f"{r['bytes'] / 1e6:.2f}", f"{r['params']:,}", f"{r['ratio']:.2f}",
+                      f"{r['ratio_vs_dense']:.2f}", fmt(r["cosine"], ".4f"), fmt(r["cosine_min"], ".4f"),
+                      fmt(r["lee50"], ".4f"), fmt(r["polarity"], ".3f"), fmt(t.get("p50_ms"), ".2f"),
+                      fmt(t.get("peak_rss_mb"), ".0f"))
+    if "riq decoded fp32 ONNX" in lat:
+        t = lat["riq decoded fp32 ONNX"]
+        table.add_row("riq decoded fp32 ONNX", "-", "-", "-", "-", "-", "-", "-", "-", f"{t['p50_ms']:.2f}",
+                      f"{t['peak_rss_mb']:.0f}")
+    out = Console(width=180)
+    out.print(table)
+    for name, f in files.items():
+        out.print(f"{name}: k={f['k']:.1f} after {f['evaluations']} evaluations ({f['search_s']:.0f} s search); "
+                  f".riq encode {f['encode_seconds']:.2f} s, decode + bit-exact check {f['decode_seconds']:.2f} s; "
+                  f"{f['bits_per_param']:.2f} bits/param; {f.get('int8_tensors', 0)} tensors deployed as int8")
+    result = {"rows": [{k: v for k, v in r.items() if k != "path"} for r in rows], "latency": lat,
+              "files": {n: {k: v for k, v in f.items() if k != "float_onnx"} for n, f in files.items()}}
+    (work / "riq_minilm.json").write_text(json.dumps(result, indent=2, default=str))
+    out.print(f"json: {work / 'riq_minilm.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
