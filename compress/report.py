@@ -133,6 +133,27 @@ def _profile_lines(stage: dict) -> list[str]:
     return lines + [""]
 
 
+def _riq_lines(stage: dict) -> list[str]:
+    """quant.riq's scale and per-tensor bin widths; export.riq's file."""
+    lines = [f"## RIQ: stage {stage.get('index', '?')} {stage.get('name', '?')}", ""]
+    riq, f = stage.get("riq"), stage.get("riq_file")
+    if riq:
+        lines += [f"- k = {_fmt(riq.get('k'), '.1f')} after {riq.get('evaluations', DASH)} evaluations "
+                  f"({_fmt(riq.get('search_seconds'), '.1f')} s); calibration cosine {_fmt(riq.get('calibration_cosine'), '.5f')} "
+                  f"(D = {riq.get('deviation', DASH)}); {_fmt(riq.get('entropy_bits_per_weight'), '.2f')} bits/weight "
+                  f"(entropy) over {_fmt(riq.get('quantized_params'), ',')} quantized weights"]
+    if f:
+        lines += [f"- model.riq: {_fmt(_mb(f.get('bytes')), '.2f')} MB, compression ratio {_fmt(f.get('ratio'), '.2f')}x "
+                  f"(32 x {_fmt(f.get('params'), ',')} params / file bits), encode {_fmt(f.get('encode_seconds'), '.2f')} s, "
+                  f"decode + bit-exact check {_fmt(f.get('decode_seconds'), '.2f')} s"]
+    layers = stage.get("riq_layers") or []
+    if layers:
+        rows = [[str(r["name"]), "x".join(map(str, r["shape"])), _fmt(r["delta"], ".3g"), str(r["symbols"]),
+                 _fmt(r["bits_per_weight"], ".2f"), f"{r['zeros'] * 100:.1f}%", str(r["fits"])] for r in layers]
+        lines += ["", *_md_table(["tensor", "shape", "bin width", "symbols", "bits/weight", "zeros", "codes fit"], rows)]
+    return lines + [""]
+
+
 def write_markdown(report: dict, path: Path) -> None:
     """Write report.md: title, stage table, final-vs-input line and any profile sections."""
     stages = report.get("stages") or []
@@ -145,6 +166,8 @@ def write_markdown(report: dict, path: Path) -> None:
     for stage in stages:
         if stage.get("profile"):
             lines += _profile_lines(stage)
+        if stage.get("riq") or stage.get("riq_file"):
+            lines += _riq_lines(stage)
     Path(path).write_text("\n".join(lines), encoding="utf-8")
 
 

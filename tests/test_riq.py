@@ -100,6 +100,8 @@ def test_export_riq_ratio_matches_file_size_and_decode_is_bit_exact(form, tiny_b
     assert info["bytes"] == nbytes
     assert info["ratio"] == pytest.approx(32 * info["params"] / (8 * nbytes))
     assert info["ratio"] > 4  # 32-bit floats down to a few bits each
+    md = (out / "report.md").read_text()
+    assert "## RIQ" in md and "bin width" in md and f"{info['ratio']:.2f}x" in md
     decoded = decode(out / "model.riq", tmp_path / "dec")
     if form == "onnx":
         want, got = _inits(out / "model.onnx"), _inits(tmp_path / "dec" / "model.onnx")
