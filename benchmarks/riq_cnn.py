@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,16 @@ def _fp32_rows(model, example, work: Path, tag: str, score_torch, score_onnx) ->
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from safetensors.torch import save_file
 
+    from compress.passes._quiet import quiet_root_logger
+
     st = work / f"{tag}.safetensors"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(st))
     onnx_path, int8_path = work / f"{tag}.onnx", work / f"{tag}_int8.onnx"
-    torch.onnx.export(model.eval(), (example,), str(onnx_path), dynamo=False, opset_version=17, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    quantize_dynamic(str(onnx_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
-    n = _params(model)
+    with warnings.catch_warnings(), quiet_root_logger():  # exporter deprecation and quantizer shape chatter
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), str(onnx_path), dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+        quantize_dynamic(str(onnx_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
     fp32 = score_torch(model)
     return [{"format": "fp32 safetensors", "bytes": st.stat().st_size, **fp32},
             {"format": "zstd-19 of fp32", "bytes": _bytes_zstd(st), **fp32},

@@ -1,4 +1,4 @@
-"""The `compress` command line: run, passes, validate, profile, decode.
+"""The `compress` command line: run, passes, validate, profile, decode, generate.
 
 Every user mistake (unknown pass, bad parameter, wrong order, missing or corrupt model, existing
 output) prints one message and exits with code 2; a pass that fails while running exits with 1
@@ -202,6 +202,41 @@ def decode(
     where = outdir / info["model"] if info["model"] != "." else outdir
     console.print(f"[green]decoded[/green] {model} -> {where} ({info['kind']}; {info['int8_tensors']} int8 tensors; "
                   f"{info['read_seconds']:.1f} s to decode the file, {info['seconds']:.1f} s in all)")
+
+
+@app.command("generate")
+@friendly
+def generate_text(
+    model: Path = typer.Argument(..., help=".onnx or .ort causal LM exported with export.onnx (cache=true)"),
+    prompt: str = typer.Argument(..., help="text to continue"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="most tokens to add"),
+    sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
+    temperature: float = typer.Option(1.0, "--temperature", help="sampling: logits divided by this (> 0)"),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="sampling: keep the k most likely tokens (0: all)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="sampling: keep the smallest set with this much probability (0, 1]"),
+    seed: int = typer.Option(0, "--seed", help="sampling: random seed (same seed, same text)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="intra-op threads (default: onnxruntime's)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder or alias, for a model without one beside it"),
+) -> None:
+    """Generate text with onnxruntime: prompt step, then one token per step through the KV cache."""
+    from compress import models
+    from compress.errors import ModelLoadError
+    from compress.generate import generate
+
+    quiet_libraries()
+    path = models.resolve(str(model))
+    if not path.is_file() or path.suffix not in models.ONNX_SUFFIXES:
+        raise ModelLoadError(f"'{model}' is not an .onnx or .ort file")
+    models.check_onnx(path)
+    tok = models.load_tokenizer(Path(tokenizer)) if tokenizer else models.find_tokenizer(path)
+    if tok is None:
+        raise ModelLoadError(f"no tokenizer beside '{path}': give --tokenizer FOLDER (a transformers tokenizer folder or alias)")
+    result = generate(path, tok, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
+                      top_k=top_k, top_p=top_p, seed=seed, threads=threads)
+    typer.echo(result.text)
+    console.print(f"TTFT {result.ttft_s * 1000:.1f} ms, {result.decode_tokens_per_s:.1f} tokens/s, "
+                  f"{result.num_tokens} tokens ({result.prompt_tokens} in the prompt; stopped by {result.stop_reason})",
+                  highlight=False)
 
 
 def _print_profile(path: Path, result: dict) -> None:

@@ -35,10 +35,14 @@ def describe(spec: Any) -> ModelInfo:
         models.check_onnx(path)
         form: Form = "ort" if path.suffix == ".ort" else "onnx"
         kind, inputs = models.onnx_signature(path)
-        unknown = [name for name in inputs if name not in runtime.SESSION_INPUTS]
+        unknown = [name for name in inputs if name not in runtime.SESSION_INPUTS and not runtime.is_past(name)]
         if unknown:
             raise ModelLoadError(f"'{path}' has graph inputs this tool can't feed: {unknown} (supported: "
-                                 f"{', '.join(runtime.SESSION_INPUTS)}); export the model with compress's export.onnx")
+                                 f"{', '.join(runtime.SESSION_INPUTS)}, {runtime.PAST_PREFIX}{{i}}.key / .value); "
+                                 "export the model with compress's export.onnx")
+        if kind != "causal-lm" and any(runtime.is_past(name) for name in inputs):
+            raise ModelLoadError(f"'{path}' has KV cache inputs ({runtime.PAST_PREFIX}*) but no (batch, sequence, "
+                                 "vocab) logits as its first output; export the model with compress's export.onnx")
         return ModelInfo(form, kind, "", path)
     cfg = models.read_hf_config(path)
     archs = getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "")]

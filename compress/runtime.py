@@ -2,7 +2,8 @@
 encoder -> sentence embeddings (batch, hidden), L2-normalised;
 classifier -> logits (batch, labels); causal-lm -> logits (batch, seq, vocab).
 Evaluation, parity checks and profiling all go through these runners, so torch and ONNX stages
-are measured the same way."""
+are measured the same way. A causal LM graph with a KV cache (export.onnx cache=true) is fed an
+empty past, (batch, kv_heads, 0, head_dim), so a whole text is one prompt step."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,44 @@ from typing import Any, Iterator
 import numpy as np
 
 SESSION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."  # past_key_values.{i}.key -> present.{i}.key
+ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def is_past(name: str) -> bool:
+    return name.startswith(PAST_PREFIX)
+
+
+def past_name(present: str) -> str:
+    """The input a present output is fed back into at the next step."""
+    return PAST_PREFIX + present[len(PRESENT_PREFIX):]
+
+
+def position_ids(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Positions of the last `new_tokens` columns of a (batch, past + new) mask, as transformers makes
+    them for left padding: cumsum(mask) - 1, clipped at 0. Mask [0, 0, 1, 1, 1] -> [0, 0, 0, 1, 2]."""
+    pos = np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None).astype(np.int64)
+    return pos[:, pos.shape[1] - new_tokens:]
+
+
+def input_specs(sess: Any) -> dict[str, tuple[tuple, str]]:
+    """name -> (shape with symbolic axes as strings, ORT type string) of every graph input."""
+    return {i.name: (tuple(i.shape), i.type) for i in sess.get_inputs()}
+
+
+def empty_past(specs: dict[str, tuple[tuple, str]], batch: int) -> dict[str, np.ndarray]:
+    """Zeros of shape (batch, kv_heads, 0, head_dim) for every past_key_values input of `specs`."""
+    out = {}
+    for name, (shape, type_) in specs.items():
+        if not is_past(name):
+            continue
+        heads, head_dim = (shape[1], shape[3]) if len(shape) == 4 else (None, None)
+        if not isinstance(heads, int) or not isinstance(head_dim, int) or type_ not in ORT_FLOATS:
+            raise ValueError(f"graph input '{name}' has shape {list(shape)} and type {type_}: expected "
+                             "(batch, kv_heads, past_sequence, head_dim) floats with fixed kv_heads and head_dim; "
+                             "re-export the model with compress's export.onnx")
+        out[name] = np.zeros((batch, heads, 0, head_dim), dtype=ORT_FLOATS[type_])
+    return out
 
 
 def pooling_of(folder: Path | None) -> str:
@@ -58,11 +97,14 @@ class TorchRunner:
 
         ids = torch.from_numpy(feed["input_ids"])
         mask = torch.from_numpy(feed["attention_mask"])
+        kwargs = {}
+        if self.kind == "causal-lm":  # the positions the ONNX runner feeds, so left padding compares alike
+            pos = position_ids(feed["attention_mask"], ids.shape[1])
+            kwargs = {"use_cache": False, "position_ids": torch.from_numpy(pos)}
         with torch.inference_mode():
             if self.kind == "encoder":
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
                 return pool(hidden.float().numpy(), feed["attention_mask"], self.pooling)
-            kwargs = {"use_cache": False} if self.kind == "causal-lm" else {}
             return self.model(input_ids=ids, attention_mask=mask, **kwargs).logits.float().numpy()
 
 
@@ -79,13 +121,23 @@ def session(path: Path, threads: int | None = None, profile_prefix: str | None =
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def complete_feed(feed: dict[str, np.ndarray], inputs: list[str] | set[str]) -> dict[str, np.ndarray]:
-    """The graph's inputs from tokenizer output: extra keys dropped, token types / positions made."""
+def complete_feed(feed: dict[str, np.ndarray], inputs: list[str] | set[str] | dict) -> dict[str, np.ndarray]:
+    """The graph's inputs from tokenizer output: extra keys dropped, token types / positions made, and
+    an empty KV cache for a cache graph. `inputs`: input names, or `input_specs(session)` (a cache
+    graph needs the specs: the empty past takes kv_heads, head_dim and dtype from them)."""
     out = {k: v for k, v in feed.items() if k in inputs}
+    ids = feed["input_ids"]
     if "token_type_ids" in inputs and "token_type_ids" not in out:
-        out["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        out["token_type_ids"] = np.zeros_like(ids)
     if "position_ids" in inputs and "position_ids" not in out:
-        out["position_ids"] = np.broadcast_to(np.arange(feed["input_ids"].shape[1]), feed["input_ids"].shape).copy()
+        mask = feed.get("attention_mask", np.ones_like(ids))
+        out["position_ids"] = position_ids(mask, ids.shape[1])
+    missing = [name for name in inputs if is_past(name) and name not in out]
+    if missing:
+        if not isinstance(inputs, dict):
+            raise ValueError(f"the graph has KV cache inputs ({missing[0]}, ...): pass complete_feed the graph's "
+                             "input specs (runtime.input_specs(session)), not only their names")
+        out.update(empty_past({name: inputs[name] for name in missing}, ids.shape[0]))
     return out
 
 
@@ -93,7 +145,8 @@ class OnnxRunner:
     def __init__(self, path: Path | None, kind: str, pooling: str = "mean", threads: int | None = None, sess: Any = None):
         self.sess = sess if sess is not None else session(path, threads)
         self.kind, self.pooling = kind, pooling
-        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.specs = input_specs(self.sess)
+        self.inputs = list(self.specs)
         self.outputs = [o.name for o in self.sess.get_outputs()]
 
     @classmethod
@@ -101,7 +154,7 @@ class OnnxRunner:
         return cls(None, kind, pooling, sess=sess)
 
     def feed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return complete_feed(feed, self.inputs)
+        return complete_feed(feed, self.specs)
 
     def raw(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.sess.run(None, self.feed(feed))))

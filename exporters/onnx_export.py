@@ -3,8 +3,10 @@ against PyTorch on held-out real inputs before it counts as done.
 
 BERT-family encoders export through the legacy (TorchScript) exporter with eager attention,
 the one path on which onnxruntime's transformer optimizer fuses Attention (STACK.md). Encoders
-output `last_hidden_state` and the pooled, L2-normalised `sentence_embedding`; classifiers and
-causal LMs output `logits` (no KV cache here). When to use: always, before any ONNX pass."""
+output `last_hidden_state` and the pooled, L2-normalised `sentence_embedding`; classifiers output
+`logits`. Causal LMs export with a KV cache by default (`cache=true`, see exporters/causal_lm.py:
+past_key_values inputs, present outputs, one graph for prompt and decode steps); with `cache=false`
+they output `logits` only. When to use: always, before any ONNX pass."""
 from __future__ import annotations
 
 import warnings
@@ -28,6 +30,8 @@ class ExportOnnx(PassConfig):
         "tolerance added per unit of the largest |output|: LM logits reach ~30 and fp32 reordering over 30 layers "
         "moves them by ~1e-2 (SmolLM2), while MiniLM's export matches to 3e-6"))
     min_cosine: float = Field(0.9999, gt=0, le=1.0, description="min cosine between ONNX and PyTorch outputs")
+    cache: bool = Field(True, description=(
+        "causal LMs: past_key_values inputs / present outputs for generation; ignored for encoders"))
 
 
 def _wrapper(model, kind: str, pooling: str):
@@ -99,14 +103,19 @@ def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
     previous = getattr(model.config, "_attn_implementation", None)
     if cfg.exporter == "legacy" and previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # the pattern ORT's fusion recognises
+    texts = state.data.eval if state.data else []
     try:
-        wrapper = _wrapper(model, state.kind, state.meta.get("pooling", "mean"))
-        feeds = parity.feeds_from_texts(state.tokenizer, state.data.eval if state.data else [], ctx.max_length)
-        path = ctx.workdir / "model.onnx"
-        _export(wrapper, feeds[0], path, state.kind, cfg)
-        onnx_run = OnnxRunner(path, state.kind)
-        rows = parity.check("export.onnx vs PyTorch", _torch_outputs(wrapper, state.kind), onnx_run.raw, feeds,
-                            cfg.atol, cfg.min_cosine, cfg.rtol)
+        if state.kind == "causal-lm" and cfg.cache:
+            from compress.exporters import causal_lm
+
+            path, rows = causal_lm.export(model, state.tokenizer, texts, cfg, ctx.workdir, ctx.max_length)
+        else:
+            wrapper = _wrapper(model, state.kind, state.meta.get("pooling", "mean"))
+            feeds = parity.feeds_from_texts(state.tokenizer, texts, ctx.max_length)
+            path = ctx.workdir / "model.onnx"
+            _export(wrapper, feeds[0], path, state.kind, cfg)
+            rows = parity.check("export.onnx vs PyTorch", _torch_outputs(wrapper, state.kind),
+                                OnnxRunner(path, state.kind).raw, feeds, cfg.atol, cfg.min_cosine, cfg.rtol)
     finally:
         if previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(previous)
@@ -115,4 +124,4 @@ def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
 
 
 PASS = PassSpec(name="export.onnx", config=ExportOnnx, run=run, takes=("torch",), gives="onnx",
-                summary="Export to ONNX (dynamic batch/sequence axes), checked against PyTorch on held-out text.")
+                summary="Export to ONNX (dynamic batch/sequence axes; KV cache for causal LMs), checked against PyTorch on held-out text.")

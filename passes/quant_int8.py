@@ -76,7 +76,9 @@ def _static(src, dst, cfg: QuantInt8, excluded: list[str], state: ModelState, ma
 
     shaped = workdir / "shape_inferred.onnx"
     _with_shapes(src, shaped)
-    inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    from compress.runtime import input_specs, session
+
+    inputs = input_specs(session(src))  # a KV-cache graph's empty past takes its shape from the specs
     texts = state.data.train[: cfg.calibration_samples]
     # Fixed-length samples: the histogram calibrators need arrays of one shape.
     feeds = [complete_feed(tokenize(state.tokenizer, [t], max_length, pad_to_max=True), inputs) for t in texts]
