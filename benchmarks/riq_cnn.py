@@ -66,7 +66,7 @@ def _riq_row(model, calib, deviation: float, work: Path, tag: str, score_torch) 
 
     from compress.exporters import riq_format
     from compress.exporters.riq_export import module_container
-    from compress.passes.riq import quantize_module
+    from compress.passes.riq import InfeasibleDeviation, quantize_module
 
     m = copy.deepcopy(model).eval()
 
@@ -74,7 +74,10 @@ def _riq_row(model, calib, deviation: float, work: Path, tag: str, score_torch) 
         with torch.no_grad():
             return torch.cat([m(xb) for xb in calib.split(256)]).numpy()
 
-    result = quantize_module(m, outputs, deviation)
+    try:
+        result = quantize_module(m, outputs, deviation)
+    except InfeasibleDeviation as exc:  # a finding, not a crash: the row says how close the finest bins came
+        return {"format": f"RIQ D={deviation}: infeasible (finest bins: cosine {exc.best_cosine:.4f})"}
     tensors, meta = module_container(m, {n: float(d) for n, d in result["deltas"].items()})
     path = work / f"{tag}_D{deviation}.riq"
     t0 = time.perf_counter()
@@ -114,10 +117,8 @@ def mnist_vgg(args, work: Path) -> dict[str, list[dict]]:
         model = mv.load_vgg(args.vgg_dir / f"vgg_{variant}.safetensors")
         rows, _ = _fp32_rows(model, x_te[:2], work, f"vgg_{variant}", score_torch, score_onnx)
         rows += [_riq_row(model, calib, d, work, f"vgg_{variant}", score_torch) for d in args.deviations]
-        n = _params(model)
-        for r in rows:
-            r.update(params=n, ratio=32 * n / (8 * r["bytes"]))
-        out[f"MNIST VGG {variant}"] = rows
+        out[f"MNIST VGG {variant}"] = _with_ratios(rows, _params(model))
+        print_table(f"MNIST VGG {variant}", out[f"MNIST VGG {variant}"])
     return out
 
 
@@ -150,10 +151,36 @@ def efficientnet(args, work: Path) -> dict[str, list[dict]]:
 
     rows, _ = _fp32_rows(model, x[:1], work, "effnet_lite0", score_torch, score_onnx)
     rows += [_riq_row(model, calib, d, work, "effnet_lite0", score_torch) for d in args.deviations]
-    n = _params(model)
+    name = f"EfficientNet-Lite0 ({len(names)} photos)"
+    print_table(name, _with_ratios(rows, _params(model)))
+    return {name: rows}
+
+
+def _with_ratios(rows: list[dict], params: int) -> list[dict]:
     for r in rows:
-        r.update(params=n, ratio=32 * n / (8 * r["bytes"]))
-    return {f"EfficientNet-Lite0 ({len(names)} photos)": rows}
+        r.update(params=params, ratio=32 * params / (8 * r["bytes"]) if "bytes" in r else None)
+    return rows
+
+
+def print_table(model: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(r: dict, key: str, spec: str) -> str:
+        return format(r[key], spec) if r.get(key) is not None else "-"
+
+    metric = "accuracy" if "accuracy" in rows[0] else "top1_agreement"
+    base = rows[0][metric]
+    table = Table("format", "KB", "ratio", metric.replace("_", " "), "change (points)", "k", "calib cos",
+                  "evals", "search s", "encode s", "decode s", "bit-exact",
+                  title=f"{model}: {rows[0]['params']:,} params (ratio = 32 x params / file bits)")
+    for r in rows:
+        change = f"{100 * (r[metric] - base):+.2f}" if metric in r else "-"
+        table.add_row(r["format"], f"{r['bytes'] / 1e3:.1f}" if "bytes" in r else "-", fmt(r, "ratio", ".2f"),
+                      fmt(r, metric, ".4f"), change, fmt(r, "k", ".0f"), fmt(r, "calibration_cosine", ".4f"),
+                      str(r.get("evaluations", "-")), fmt(r, "search_s", ".1f"), fmt(r, "encode_s", ".3f"),
+                      fmt(r, "decode_s", ".3f"), str(r.get("bit_exact", "-")))
+    Console(width=170).print(table)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,8 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
     args.deviations = [float(d) for d in args.deviations.split(",")]
 
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-riq-cnn-"))
@@ -177,22 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_efficientnet:
         results.update(efficientnet(args, work))
 
-    out = Console(width=170)
-    for model, rows in results.items():
-        metric = "accuracy" if "accuracy" in rows[0] else "top1_agreement"
-        base = rows[0][metric]
-        table = Table("format", "KB", "ratio", metric.replace("_", " "), "change (points)", "k", "calib cos",
-                      "evals", "search s", "encode s", "decode s", "bit-exact",
-                      title=f"{model}: {rows[0]['params']:,} params (ratio = 32 x params / file bits)")
-        for r in rows:
-            table.add_row(r["format"], f"{r['bytes'] / 1e3:.1f}", f"{r['ratio']:.2f}", f"{r[metric]:.4f}",
-                          f"{100 * (r[metric] - base):+.2f}", f"{r['k']:.0f}" if "k" in r else "-",
-                          f"{r['calibration_cosine']:.4f}" if "k" in r else "-", str(r.get("evaluations", "-")),
-                          f"{r['search_s']:.1f}" if "k" in r else "-", f"{r['encode_s']:.3f}" if "k" in r else "-",
-                          f"{r['decode_s']:.3f}" if "k" in r else "-", str(r.get("bit_exact", "-")))
-        out.print(table)
     (work / "riq_cnn.json").write_text(json.dumps(results, indent=2, default=str))
-    out.print(f"json: {work / 'riq_cnn.json'}")
+    print(f"json: {work / 'riq_cnn.json'}")
     return results
 
 

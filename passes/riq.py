@@ -101,6 +101,14 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.clip(den, 1e-30, None)
 
 
+class InfeasibleDeviation(ValueError):
+    """Even the finest bins of the k grid leave the outputs further than D from the original."""
+
+    def __init__(self, message: str, best_cosine: float):
+        super().__init__(message)
+        self.best_cosine = best_cosine
+
+
 @dataclass
 class Search:
     """The k search over a model's tensors. `apply(weights)` puts float weights into the model;
@@ -156,8 +164,11 @@ class Search:
                     break
                 k += step
             if best is None:
-                raise ValueError(f"even the finest bins (k={k_hi:.0f}) give a mean output cosine of "
-                                 f"{self._memo[max(self._memo)]:.5f} < {1 - self.deviation:.5f}: raise the deviation D")
+                finest = self._memo[max(self._memo)]
+                raise InfeasibleDeviation(
+                    f"even the finest bins (k={k_hi:.0f}; a bin never gets finer than eps*sqrt(24) = 0.049 of a "
+                    f"tensor's rms) give a mean output cosine of {finest:.5f} < {1 - self.deviation:.5f}: raise the "
+                    "deviation D, or exclude the most sensitive tensors", finest)
             if best <= k_lo or step <= 3:
                 return best
             start, step = max(k_lo, best - step), math.sqrt(step)

@@ -88,6 +88,22 @@ def test_riq_after_prune_zeros_cost_almost_nothing():
     assert row["zeros"] >= 0.5
 
 
+def test_riq_search_raises_infeasible_when_even_the_finest_bins_miss_d():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    x = torch.randn(32, 64)
+
+    def outputs() -> np.ndarray:
+        with torch.no_grad():
+            return model(x).numpy()
+
+    with pytest.raises(riq.InfeasibleDeviation, match="raise the deviation D") as err:
+        riq.quantize_module(model, outputs, deviation=1e-9)
+    assert 0.99 < err.value.best_cosine < 1.0
+
+
 @pytest.mark.parametrize("form", ["torch", "onnx"])
 def test_export_riq_ratio_matches_file_size_and_decode_is_bit_exact(form, tiny_bert, text_file, tmp_path, fast):
     passes = (["export.onnx"] if form == "onnx" else []) + [{"pass": "quant.riq", "calibration_samples": 8}, "export.riq"]
