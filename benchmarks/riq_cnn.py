@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deviations", default="0.005,0.02,0.05", help="comma-separated D values")
     ap.add_argument("--vgg-dir", type=Path, default=None, help="folder from examples/mnist_vgg.py (else trained here)")
+    ap.add_argument("--skip-vgg", action="store_true")
     ap.add_argument("--skip-efficientnet", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-riq-cnn-"))
     work.mkdir(parents=True, exist_ok=True)
-    results = mnist_vgg(args, work)
+    results = {} if args.skip_vgg else mnist_vgg(args, work)
     if not args.skip_efficientnet:
         results.update(efficientnet(args, work))
 

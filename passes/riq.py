@@ -156,19 +156,19 @@ class Search:
         root = math.sqrt(max(w.size for w in self.originals.values()) / 24.0)
         k_lo, k_hi = root / (1 - EPS), root / EPS**1.5
         step, start, best = math.sqrt(k_hi - k_lo), k_lo, None
+        if not self.feasible(k_hi):  # one pass tells whether any k can do (else the scan would try them all)
+            raise InfeasibleDeviation(
+                f"even the finest bins (k={k_hi:.0f}; a bin never gets finer than eps*sqrt(24) = 0.049 of a "
+                f"tensor's rms) give a mean output cosine of {self._memo[k_hi]:.5f} < {1 - self.deviation:.5f}: "
+                "raise the deviation D, or exclude the most sensitive tensors", self._memo[k_hi])
         while True:
-            k, stop = start, best if best is not None else k_hi + step / 2
+            k, stop = start, best if best is not None else k_hi
             while k < stop:
                 if self.feasible(k):
                     best = k
                     break
                 k += step
-            if best is None:
-                finest = self._memo[max(self._memo)]
-                raise InfeasibleDeviation(
-                    f"even the finest bins (k={k_hi:.0f}; a bin never gets finer than eps*sqrt(24) = 0.049 of a "
-                    f"tensor's rms) give a mean output cosine of {finest:.5f} < {1 - self.deviation:.5f}: raise the "
-                    "deviation D, or exclude the most sensitive tensors", finest)
+            best = k_hi if best is None else best  # only k_hi itself was feasible
             if best <= k_lo or step <= 3:
                 return best
             start, step = max(k_lo, best - step), math.sqrt(step)
