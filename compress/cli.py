@@ -147,6 +147,18 @@ def validate(
                   f"({info.architecture or info.form}) model")
 
 
+def _onnx_file(model: Path) -> Path:
+    """A readable .onnx / .ort file, or one clear error."""
+    from compress import models
+    from compress.errors import ModelLoadError
+
+    path = models.resolve(str(model))
+    if not path.is_file() or path.suffix not in models.ONNX_SUFFIXES:
+        raise ModelLoadError(f"'{model}' is not an .onnx or .ort file")
+    models.check_onnx(path)
+    return path
+
+
 @app.command()
 @friendly
 def profile(
@@ -166,12 +178,7 @@ def profile(
     from compress.profiling import LatencySettings, profile_file, real_feed
 
     quiet_libraries()
-    path = models.resolve(str(model))
-    if not path.is_file() or path.suffix not in models.ONNX_SUFFIXES:
-        from compress.errors import ModelLoadError
-
-        raise ModelLoadError(f"'{model}' is not an .onnx or .ort file")
-    models.check_onnx(path)
+    path = _onnx_file(model)
     settings = LatencySettings(batch, seq, threads, warmup, runs)
     tokenizer = models.find_tokenizer(path)
     feed = real_feed(tokenizer, load("wiki").eval if tokenizer is not None else [], batch, seq)
@@ -224,10 +231,7 @@ def generate_text(
     from compress.generate import generate
 
     quiet_libraries()
-    path = models.resolve(str(model))
-    if not path.is_file() or path.suffix not in models.ONNX_SUFFIXES:
-        raise ModelLoadError(f"'{model}' is not an .onnx or .ort file")
-    models.check_onnx(path)
+    path = _onnx_file(model)
     tok = models.load_tokenizer(Path(tokenizer)) if tokenizer else models.find_tokenizer(path)
     if tok is None:
         raise ModelLoadError(f"no tokenizer beside '{path}': give --tokenizer FOLDER (a transformers tokenizer folder or alias)")

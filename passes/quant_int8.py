@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from compress.config import PassConfig
 from compress.passes._quiet import quiet_root_logger
-from compress.passes.selection import matching_nodes, validate_patterns
+from compress.passes.selection import Patterns, matching_nodes
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -26,18 +26,11 @@ class QuantInt8(PassConfig):
     per_channel: bool = Field(True, description="one weight scale per output channel instead of per tensor")
     reduce_range: bool = Field(False, description="7-bit weights (avoids u8s8 saturation on AVX2 CPUs without VNNI)")
     op_types: list[str] = Field(default_factory=list, description="op types to quantize; empty = the quantizer's defaults")
-    exclude: list[str] = Field(default_factory=list, description="node names or 're:' patterns to keep in float")
+    exclude: Patterns = Field(default_factory=list, description="node names or 're:' patterns to keep in float")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="static mode: range estimator")
     calibration_samples: int = Field(64, ge=1, le=4096, description="static mode: training samples used to calibrate")
     quantize_matmul_outputs: bool = Field(False, description="static mode: also quantize MatMul outputs (full QDQ for NPUs; costs fidelity)")
 
-    @field_validator("exclude")
-    @classmethod
-    def _patterns(cls, v: list[str]) -> list[str]:
-        problems = validate_patterns(v)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return v
 
 
 def _dynamic(src, dst, cfg: QuantInt8, excluded: list[str]) -> None:

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from compress.config import PassConfig
-from compress.passes.selection import validate_patterns
+from compress.passes.selection import Patterns
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -47,16 +47,9 @@ class QuantRiq(PassConfig):
     pass_name = "quant.riq"
     deviation: float = Field(0.005, gt=0, lt=1, description="allowed output deviation D: keep mean output cosine >= 1 - D on calibration text")
     calibration_samples: int = Field(64, ge=1, le=4096, description="training samples the output deviation is measured on")
-    include: list[str] = Field(default_factory=list, description="tensor names or 're:' patterns to quantize; empty = every float tensor with > 512 elements and > 1 dim")
-    exclude: list[str] = Field(default_factory=list, description="tensor names or 're:' patterns to keep in float")
+    include: Patterns = Field(default_factory=list, description="tensor names or 're:' patterns to quantize; empty = every float tensor with > 512 elements and > 1 dim")
+    exclude: Patterns = Field(default_factory=list, description="tensor names or 're:' patterns to keep in float")
 
-    @field_validator("include", "exclude")
-    @classmethod
-    def _patterns(cls, v: list[str]) -> list[str]:
-        problems = validate_patterns(v)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return v
 
 
 # ---- the quantizer itself: numpy only ---------------------------------------------------------

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 
 def matching_nodes(path: Path, patterns: list[str]) -> list[str]:
@@ -31,3 +34,14 @@ def validate_patterns(patterns: list[str]) -> list[str]:
             except re.error as exc:
                 problems.append(f"bad regular expression {pat!r}: {exc}")
     return problems
+
+
+def _checked(patterns: list[str]) -> list[str]:
+    problems = validate_patterns(patterns)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return patterns
+
+
+# A config field of node / tensor names and `re:` patterns, checked when the config is built.
+Patterns = Annotated[list[str], AfterValidator(_checked)]
