@@ -25,6 +25,7 @@ _MODULES: dict[str, str] = {
     "profile": "compress.passes.profile",
     "prune.homodistil": "compress.passes.prune_homodistil",
     "prune.structured": "compress.passes.prune_structured",
+    "prune.experts": "compress.passes.prune_experts",
     "distill.kd": "compress.passes.distill_kd",
 }
 

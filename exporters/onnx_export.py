@@ -103,6 +103,10 @@ def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
     previous = getattr(model.config, "_attn_implementation", None)
     if cfg.exporter == "legacy" and previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # the pattern ORT's fusion recognises
+    experts = getattr(model.config, "_experts_implementation", None)
+    switch = experts not in (None, "batched_mm") and getattr(model, "_can_set_experts_implementation", lambda: False)()
+    if switch:  # MoE: grouped_mm traces to aten::histc (no ONNX op); batched_mm exports (STACK.md)
+        model.set_experts_implementation("batched_mm")
     texts = state.data.eval if state.data else []
     try:
         if state.kind == "causal-lm" and cfg.cache:
@@ -119,6 +123,8 @@ def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
     finally:
         if previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(previous)
+        if switch:
+            model.set_experts_implementation(experts)
     ctx.notes["parity"] = rows
     return state.with_file(path, "onnx", hf_config=model.config, exporter=cfg.exporter)
 

@@ -76,6 +76,19 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    """Mixtral MoE: 8 experts per layer, top-2 routing, GQA attention."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=256, architectures=["MixtralForCausalLM"], pad_token_id=0)
+    return _save(MixtralForCausalLM(cfg), tmp_path_factory.mktemp("tiny_mixtral"))
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     """40 real news paragraphs (lee_background) as one-sample-per-line text."""
     from compress.data import lee_background
