@@ -11,8 +11,9 @@ from compress.recipe import default_recipe_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "examples").glob("*.yaml")) + [default_recipe_path()]
-CNN_FIXTURES = {"mnist_vgg.py", "efficientnet_images.py"}  # real-CNN fixtures, run by test_cnn_examples.py
-SCRIPTS = sorted(p for p in (ROOT / "examples").glob("*.py") if p.name not in CNN_FIXTURES)
+# Benchmark fixtures with their own tests (test_cnn_examples.py, test_moefy.py): not encoder pipelines.
+FIXTURES = {"mnist_vgg.py", "efficientnet_images.py", "moefy_smollm2.py"}
+SCRIPTS = sorted(p for p in (ROOT / "examples").glob("*.py") if p.name not in FIXTURES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

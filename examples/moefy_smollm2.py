@@ -1,0 +1,108 @@
+"""Build the real-weight MoE benchmark fixture: SmolLM2-135M MoEfied into a transformers Mixtral
+model (each FFN of 1536 neurons split into 8 experts of 192, top-2 routing, routers trained on
+real hidden states). See passes/moefy.py for the method and the measured errors.
+
+    python examples/moefy_smollm2.py --out out/smollm2-moe                 # 8 experts, top-2, seed 0
+    python examples/moefy_smollm2.py --out out/x --experts 4 --top-k 1 --router-steps 100
+    python examples/moefy_smollm2.py --model path/to/llama_folder --out out/x --fast   # seconds
+
+Prints parameters, held-out perplexity (the first --ppl-paragraphs lee_background paragraphs, 256
+tokens at most each, never in the wiki training text) of the dense model and of the reloaded MoE,
+the router's block-output errors and the wall time. The model lands in OUT/model."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="dense Llama-family folder or alias (default smollm2)")
+    ap.add_argument("--data", default="wiki", help="training text for the routers: built-in corpus or text file")
+    ap.add_argument("-o", "--out", "--output", dest="out", required=True, help="output directory")
+    ap.add_argument("--experts", type=int, default=8, help="experts per layer (must divide the FFN width)")
+    ap.add_argument("--top-k", type=int, default=2, help="experts chosen per token")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router-steps", type=int, default=300, help="Adam steps per layer's router (half CE, half MSE)")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens per layer (20%% held out)")
+    ap.add_argument("--cluster-on", choices=("activations", "weights"), default="activations")
+    ap.add_argument("--ppl-paragraphs", type=int, default=20, help="lee_background paragraphs for perplexity")
+    ap.add_argument("--fast", action="store_true", help="few tokens, steps and paragraphs (for tests)")
+    args = ap.parse_args(argv)
+    if args.fast:
+        args.router_steps, args.max_tokens, args.ppl_paragraphs = min(args.router_steps, 20), 256, 4
+    return args
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _active_params(moe_model) -> int:
+    """Parameters one token uses: everything except the unchosen experts' weights."""
+    cfg = moe_model.config
+    experts = sum(p.numel() for n, p in moe_model.named_parameters() if ".experts." in n)
+    return _params(moe_model) - experts + experts * cfg.num_experts_per_tok // cfg.num_local_experts
+
+
+def _perplexity(model, tokenizer, paragraphs: int, max_length: int) -> float:
+    from compress.data import lee_background
+    from compress.evaluate import perplexity
+    from compress.runtime import TorchRunner
+
+    return perplexity(TorchRunner(model, "causal-lm"), tokenizer, lee_background()[:paragraphs], max_length)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+    from compress.data import load
+    from compress.models import load_hf, resolve
+    from compress.passes.moefy import MoefyReport, moefy
+
+    args, start = _args(argv), time.perf_counter()
+    dense, tokenizer, _ = load_hf(resolve(args.model))
+    report = MoefyReport()
+    moe_model = moefy(dense, load(args.data).train, tokenizer, experts=args.experts, top_k=args.top_k,
+                      router_steps=args.router_steps, max_length=32 if args.fast else 128, seed=args.seed,
+                      max_tokens=args.max_tokens, cluster_on=args.cluster_on, report=report)
+    folder = Path(args.out) / "model"
+    moe_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    reloaded, _, _ = load_hf(folder)  # AutoModelForCausalLM.from_pretrained, eager attention like the dense model
+    ids = torch.tensor([tokenizer("The router picks two experts per token.")["input_ids"]])
+    with torch.no_grad():
+        reload_diff = float((reloaded(input_ids=ids).logits - moe_model(input_ids=ids).logits).abs().max())
+    max_length = 64 if args.fast else 256
+    result = {
+        "out": str(folder), "experts": args.experts, "top_k": args.top_k, "seed": args.seed,
+        "params_dense": _params(dense), "params_moe": _params(reloaded), "params_active": _active_params(reloaded),
+        "ppl_paragraphs": args.ppl_paragraphs, "ppl_max_length": max_length,
+        "ppl_dense": _perplexity(dense, tokenizer, args.ppl_paragraphs, max_length),
+        "ppl_moe": _perplexity(reloaded, tokenizer, args.ppl_paragraphs, max_length),
+        "calibration_tokens": report.tokens, "router_steps": args.router_steps,
+        **{f"mean_{k}": report.mean(k) for k in ("error_init", "error_ce", "error_final", "error_oracle")},
+        "final_loss": report.mean("final_loss"), "all_experts_max_diff": report.all_experts_max_diff,
+        "reload_max_diff": reload_diff, "layers": report.layers, "wall_s": time.perf_counter() - start,
+    }
+    _print(result)
+    return result
+
+
+def _print(r: dict) -> None:
+    print(f"saved {r['out']}: Mixtral, {r['experts']} experts, top-{r['top_k']}, seed {r['seed']}")
+    print(f"params: dense {r['params_dense']:,}  moe {r['params_moe']:,}  active per token {r['params_active']:,}")
+    print(f"perplexity on {r['ppl_paragraphs']} lee_background paragraphs (<= {r['ppl_max_length']} tokens): "
+          f"dense {r['ppl_dense']:.2f}  moe {r['ppl_moe']:.2f}")
+    print(f"relative block-output error (held-out tokens, mean over layers; {r['calibration_tokens']} calibration "
+          f"tokens, {r['router_steps']} steps): random router {r['mean_error_init']:.3f}  after CE "
+          f"{r.get('mean_error_ce', float('nan')):.3f}  after MSE {r['mean_error_final']:.3f}  "
+          f"norm-oracle {r['mean_error_oracle']:.3f}")
+    for i, row in enumerate(r["layers"]):
+        print(f"  layer {i:2d}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    print(f"all-experts parity max |logit diff| {r['all_experts_max_diff']:.2e}; reload max |logit diff| "
+          f"{r['reload_max_diff']:.2e}; wall {r['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
