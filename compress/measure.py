@@ -10,7 +10,7 @@ import numpy as np
 from compress import evaluate, profiling, runtime
 from compress.state import ModelState
 
-QUANT_BOOKKEEPING = ("_scale", "_zero_point", "_scales", "_zero_points")
+QUANT_BOOKKEEPING = ("_scale", "_zero_point", "_scales", "_zero_points", "_offsets", "_block_sums")  # quant.int4 offsets
 
 
 def torch_params(model: Any) -> int:
@@ -75,11 +75,19 @@ class Reference:
 
 
 def latency(state: ModelState, settings: profiling.LatencySettings) -> dict[str, float]:
+    """Forward-pass percentiles (ms) of one (batch, seq) run; a causal-LM ONNX graph with a KV cache
+    adds `ttft_ms` and `tokens_per_s` of greedy generation (prompt_tokens real tokens, new_tokens)."""
     texts = state.data.eval if state.data else []
     feed = profiling.real_feed(state.tokenizer, texts, settings.batch, settings.seq)
     if state.form == "torch":
         return profiling.time_torch(state.model, feed, settings)
-    return profiling.time_onnx(state.path, state.kind, feed, settings)
+    sess = runtime.session(state.path, settings.threads)
+    out = profiling.time_onnx(state.path, state.kind, feed, settings, sess=sess)
+    if state.kind == "causal-lm":
+        ids = profiling.prompt_ids(state.tokenizer, texts, settings.prompt_tokens)
+        gen = profiling.time_generation(state.path, ids, settings, sess=sess)
+        out.update({k: gen[k] for k in ("ttft_ms", "tokens_per_s") if k in gen})
+    return out
 
 
 def measure(state: ModelState, ref: Reference, max_length: int, settings: profiling.LatencySettings | None,

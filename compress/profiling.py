@@ -3,7 +3,12 @@
 Inputs are real text (held-out samples) tokenized and padded/truncated to exactly `seq` tokens,
 `batch` rows. Threads are pinned (torch.set_num_threads / ORT intra_op_num_threads). After
 `warmup` runs, `runs` timed runs give p50/p90/p99. `profile_file` adds throughput, peak memory (in a
-fresh process, so the number is the model's own) and the top ops from ORT's profiler."""
+fresh process, so the number is the model's own) and the top ops from ORT's profiler.
+
+Causal-LM graphs with a KV cache also get generation speed: a prompt of `prompt_tokens` real
+held-out tokens, then greedy steps through compress.generate's own loop (never stopping early) up to
+`new_tokens` tokens; time to first token (TTFT) and decode tokens/s are medians over `generate_runs`
+runs, and peak memory is that of a fresh process generating once."""
 from __future__ import annotations
 
 import json
@@ -18,7 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from compress.runtime import OnnxRunner, session, tokenize
+from compress.errors import UserError
+from compress.generate import _decode, _Stepper, context_limit  # generation timing runs the real loop
+from compress.runtime import OnnxRunner, input_specs, is_past, session, tokenize
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,9 @@ class LatencySettings:
     threads: int = 2
     warmup: int = 10
     runs: int = 50
+    prompt_tokens: int = 64  # causal-LM cache graphs: real prompt tokens of the time-to-first-token step
+    new_tokens: int = 16  # greedy tokens per generation run; decode speed counts the 2nd to the last
+    generate_runs: int = 3  # timed generation runs (median), after one untimed run when warmup > 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +86,68 @@ def time_torch(model: Any, feed: dict[str, np.ndarray], settings: LatencySetting
         torch.set_num_threads(prev)
 
 
-def time_onnx(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings) -> dict[str, float]:
-    run = OnnxRunner(path, kind, threads=settings.threads)
+def time_onnx(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings,
+              sess: Any = None) -> dict[str, float]:
+    run = OnnxRunner(path, kind, threads=settings.threads, sess=sess)
     sess, inputs = run.sess, run.feed(feed)
     return time_call(lambda: sess.run(None, inputs), settings)
+
+
+def prompt_ids(tokenizer: Any, texts: list[str], n: int) -> np.ndarray:
+    """(1, n) ids of real text: held-out samples joined (from the first again when they run out) and
+    cut at n tokens, the tokenizer's special tokens included. Fewer only if the texts have fewer."""
+    if tokenizer is None or not texts:
+        return np.random.default_rng(0).integers(1000, 2000, size=(1, n), dtype=np.int64)
+    chosen, words = [], 0
+    for i in range(4 * n):  # a word is at least one token: n words are enough
+        chosen.append(texts[i % len(texts)])
+        words += len(chosen[-1].split())
+        if words >= n:
+            break
+    ids = tokenizer(" ".join(chosen), truncation=True, max_length=n)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)[None]
+
+
+def is_cache_graph(sess: Any) -> bool:
+    """A causal-LM graph with past_key_values inputs and a logits output (export.onnx cache=true)."""
+    return any(is_past(i.name) for i in sess.get_inputs()) and "logits" in {o.name for o in sess.get_outputs()}
+
+
+def _greedy(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def generate_once(sess: Any, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(TTFT seconds, decode tokens/s) of one greedy run of compress.generate's loop from an empty
+    cache; no stop token, so it always makes `new_tokens` tokens."""
+    tokens, ttft, decode_s = _decode(_Stepper(sess, input_specs(sess)), ids, new_tokens, _greedy, set())
+    return ttft, ((len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0)
+
+
+def fit_prompt(sess: Any, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+    """The prompt cut so that prompt + new tokens fit the context the graph's metadata records."""
+    limit = context_limit(None, sess, None)
+    if limit is None or ids.shape[1] + new_tokens <= limit:
+        return ids
+    if limit - new_tokens < 1:
+        raise UserError(f"new_tokens ({new_tokens}) leaves no room for a prompt in the model's context of {limit} "
+                        f"tokens: ask for at most {limit - 1} new tokens")
+    return ids[:, : limit - new_tokens]
+
+
+def time_generation(path: Path, ids: np.ndarray, settings: LatencySettings, sess: Any = None) -> dict:
+    """TTFT (ms) and decode tokens/s, medians over `generate_runs` greedy runs of `new_tokens` tokens
+    on the (1, prompt) `ids`; {} for a graph without a KV cache."""
+    sess = sess if sess is not None else session(path, settings.threads)
+    if not is_cache_graph(sess):
+        return {}
+    ids = fit_prompt(sess, ids, settings.new_tokens)
+    if settings.warmup:
+        generate_once(sess, ids, settings.new_tokens)
+    runs = [generate_once(sess, ids, settings.new_tokens) for _ in range(settings.generate_runs)]
+    return {"ttft_ms": float(np.median([r[0] for r in runs]) * 1000.0),
+            "tokens_per_s": float(np.median([r[1] for r in runs])),
+            "prompt_tokens": int(ids.shape[1]), "new_tokens": settings.new_tokens, "runs": settings.generate_runs}
 
 
 def top_ops(path: Path, feed_inputs: dict[str, np.ndarray], settings: LatencySettings, workdir: Path, n: int = 10) -> list[dict]:
@@ -101,12 +169,13 @@ def top_ops(path: Path, feed_inputs: dict[str, np.ndarray], settings: LatencySet
     return [{"op": op, "ms": ms / runs, "share": ms / total} for op, ms in rows]
 
 
-_PEAK_SCRIPT = """
-import json, sys, numpy as np, onnxruntime as ort
+_HWM = """
 def hwm():  # peak RSS of this process in MB; VmHWM restarts at exec (ru_maxrss would carry the parent's)
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
+"""
+_PEAK_SCRIPT = "import json, sys, numpy as np, onnxruntime as ort" + _HWM + """
 path, threads, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 feed = dict(np.load(sys.argv[4]))
 base = hwm()
@@ -116,18 +185,41 @@ for _ in range(runs):
     s.run(None, {i.name: feed[i.name] for i in s.get_inputs()})
 print(json.dumps({"peak_rss_mb": hwm(), "model_mb": hwm() - base}))
 """
+_PEAK_GENERATE_SCRIPT = "import json, sys, numpy as np, onnxruntime" + _HWM + """
+from compress.profiling import generate_once
+from compress.runtime import session
+path, threads, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ids = np.load(sys.argv[4])["input_ids"]
+base = hwm()
+generate_once(session(path, threads), ids, new_tokens)
+print(json.dumps({"peak_rss_mb": hwm(), "model_mb": hwm() - base}))
+"""
+
+
+def _peak(script: str, args: list[str], arrays: dict[str, np.ndarray], threads: int, workdir: Path) -> dict:
+    """Run `script` in a fresh interpreter with the arrays saved to an .npz (its last argument)."""
+    npz = Path(workdir) / "profile_feed.npz"
+    np.savez(npz, **arrays)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    try:
+        out = subprocess.run([sys.executable, "-c", script, *args, str(npz)], capture_output=True, text=True,
+                             timeout=600, env=env, check=True)
+    finally:
+        npz.unlink(missing_ok=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def peak_memory_mb(path: Path, feed_inputs: dict[str, np.ndarray], settings: LatencySettings, workdir: Path) -> dict:
     """Peak resident memory of a fresh process that loads the model and runs it a few times:
     the whole process, and the part above the interpreter + onnxruntime baseline."""
-    npz = workdir / "profile_feed.npz"
-    np.savez(npz, **feed_inputs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(settings.threads)}
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), str(settings.threads), "5", str(npz)],
-                         capture_output=True, text=True, timeout=600, env=env, check=True)
-    npz.unlink(missing_ok=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _peak(_PEAK_SCRIPT, [str(path), str(settings.threads), "5"], feed_inputs, settings.threads, workdir)
+
+
+def peak_generation_memory_mb(path: Path, ids: np.ndarray, settings: LatencySettings, workdir: Path) -> dict:
+    """The same for a cache graph generating once: the (1, prompt) `ids`, then `new_tokens` tokens
+    (the cache at its longest, the logits of the whole prompt)."""
+    return _peak(_PEAK_GENERATE_SCRIPT, [str(path), str(settings.threads), str(settings.new_tokens)],
+                 {"input_ids": ids}, settings.threads, workdir)
 
 
 def external_files(path: Path) -> list[Path]:
@@ -150,11 +242,14 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + sum(p.stat().st_size for p in external_files(path) if p.is_file())
 
 
-def profile_file(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings, workdir: Path) -> dict:
+def profile_file(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings, workdir: Path,
+                 prompt: np.ndarray | None = None) -> dict:
+    """Latency, throughput, peak memory, size and top ops; with a (1, prompt) `prompt` and a KV-cache
+    graph also `generation`: TTFT, decode tokens/s and the peak memory of generating."""
     run = OnnxRunner(path, kind, threads=settings.threads)
     inputs = run.feed(feed)
     latency = time_call(lambda: run.sess.run(None, inputs), settings)
-    return {
+    result = {
         "settings": settings.as_dict(),
         "latency_ms": latency,
         "throughput_per_s": settings.batch * 1000.0 / latency["p50"],
@@ -162,6 +257,11 @@ def profile_file(path: Path, kind: str, feed: dict[str, np.ndarray], settings: L
         "bytes": file_bytes(path),
         "top_ops": top_ops(path, inputs, settings, workdir),
     }
+    gen = time_generation(path, prompt, settings, run.sess) if prompt is not None else {}
+    if gen:
+        peak = peak_generation_memory_mb(path, prompt[:, : gen["prompt_tokens"]], settings, workdir)
+        result["generation"] = {**gen, **peak}
+    return result
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], settings: LatencySettings, rounds: int = 5) -> dict[str, dict]:

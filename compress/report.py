@@ -2,7 +2,8 @@
 
 The report dict (see `write_all`) lists stage 0 (the input model) and then one stage per pass,
 each with params, bytes, fidelity to the input (`cosine` for encoders, `kl`/`top1` for
-classifiers and causal LMs), task metrics, latency percentiles and an optional `profile`.
+classifiers and causal LMs), task metrics, latency percentiles (causal LMs with a KV cache also
+`ttft_ms` and `tokens_per_s` in `latency_ms`: columns "TTFT ms" and "tok/s") and an optional `profile`.
 Any numeric field may be None (not measured): tables show "–" and plots skip the point.
 Sizes are decimal megabytes (bytes / 1e6)."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 DASH = "–"
 FIDELITY_KEYS = ("cosine", "kl", "top1")
 LATENCY_KEYS = ("p50", "p90", "p99")
+GENERATION_COLUMNS = (("ttft_ms", "TTFT ms", ".1f"), ("tokens_per_s", "tok/s", ".1f"))  # causal LMs with a KV cache
 
 
 def _is_num(value: Any) -> bool:
@@ -48,12 +50,18 @@ def _metric_keys(stages: list[dict]) -> list[str]:
     return keys
 
 
+def _has_generation(stages: list[dict]) -> bool:
+    """Whether any stage measured generation (TTFT / tokens/s): only causal LMs with a KV cache do."""
+    return any(_is_num((s.get("latency_ms") or {}).get(key)) for s in stages for key, _, _ in GENERATION_COLUMNS)
+
+
 def _stage_table(report: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted rows of the stage table, shared by markdown and rich."""
     stages = report.get("stages") or []
     fid_keys, met_keys = _fidelity_keys(stages), _metric_keys(stages)
+    gen = GENERATION_COLUMNS if _has_generation(stages) else ()
     headers = ["#", "stage", "form", "params", "MB", *fid_keys, *met_keys,
-               *(f"{k} ms" for k in LATENCY_KEYS), "seconds"]
+               *(f"{k} ms" for k in LATENCY_KEYS), *(title for _, title, _ in gen), "seconds"]
     rows = []
     for stage in stages:
         fid, met = stage.get("fidelity") or {}, stage.get("metrics") or {}
@@ -64,6 +72,7 @@ def _stage_table(report: dict) -> tuple[list[str], list[list[str]]]:
             *(_fmt(fid.get(k), ".4f") for k in fid_keys),
             *(_fmt(met.get(k), ".3f") for k in met_keys),
             *(_fmt(lat.get(k), ".2f") for k in LATENCY_KEYS),
+            *(_fmt(lat.get(key), spec) for key, _, spec in gen),
             _fmt(stage.get("seconds"), ".1f"),
         ])
     return headers, rows
@@ -88,6 +97,10 @@ def _title_lines(report: dict) -> list[str]:
         lines.append(f"- **Latency**: batch {_fmt(lat.get('batch'), 'd')}, seq {_fmt(lat.get('seq'), 'd')}, "
                      f"{_fmt(lat.get('threads'), 'd')} threads, {_fmt(lat.get('warmup'), 'd')} warmup, "
                      f"{_fmt(lat.get('runs'), 'd')} runs")
+    if lat and _has_generation(report.get("stages") or []):
+        lines.append(f"- **Generation** (KV cache, greedy): prompt {_fmt(lat.get('prompt_tokens'), 'd')} real tokens, "
+                     f"{_fmt(lat.get('new_tokens'), 'd')} new tokens, median of {_fmt(lat.get('generate_runs'), 'd')} runs; "
+                     f"TTFT = prompt step + first token, tok/s = decode tokens after the first / their time")
     final = report.get("final") or {}
     if final:
         lines.append(f"- **Final model**: `{final.get('path', '?')}` ({final.get('form', '?')})")
@@ -125,6 +138,13 @@ def _profile_lines(stage: dict) -> list[str]:
              f"of which {_fmt(prof.get('model_mb'), ',.1f')} MB above the onnxruntime baseline (model + buffers)"]
     if "bytes" in prof:
         lines.append(f"- Model size: {_fmt(_mb(prof.get('bytes')), '.1f')} MB")
+    gen = prof.get("generation") or {}
+    if gen:
+        lines += [f"- Generation (prompt {_fmt(gen.get('prompt_tokens'), 'd')} tokens, {_fmt(gen.get('new_tokens'), 'd')} new, "
+                  f"median of {_fmt(gen.get('runs'), 'd')} runs): time to first token {_fmt(gen.get('ttft_ms'), ',.1f')} ms, "
+                  f"decode {_fmt(gen.get('tokens_per_s'), ',.1f')} tokens/s",
+                  f"- Peak memory while generating (fresh process): {_fmt(gen.get('peak_rss_mb'), ',.1f')} MB, "
+                  f"of which {_fmt(gen.get('model_mb'), ',.1f')} MB above the baseline"]
     ops = prof.get("top_ops") or []
     if ops:
         rows = [[str(op.get("op", DASH)), _fmt(op.get("ms"), ".2f"),

@@ -13,7 +13,8 @@ values set directly; `DynamicLayer.update` then concatenates the new ones along 
 a Concat in the graph) and hands the model a ready 4D mask made of tensor ops only. transformers'
 own mask code sizes the mask from the cache length as a Python int, which a tracer would freeze;
 given a 4D mask it steps aside. Both exporters trace this wrapper; legacy is the default (it keeps
-the eager attention pattern ORT's optimizer knows, STACK.md).
+the eager attention pattern ORT's optimizer knows, STACK.md). A tied embedding / lm_head matrix is
+stored once (`share_tied_embedding`).
 
 Parity: on the held-out text batches as prompt steps (empty past), and on steps with 0, 1 and 7 past
 tokens and 1 or 6 new ones, at batch 1 and at batch 2 with the second row left-padded; the past of
@@ -142,17 +143,73 @@ def export_graph(wrap: Any, feed: dict, path: Path, layout: Layout, opset: int, 
     prog.save(str(path), external_data=False)
 
 
-def stamp_context(path: Path, config: Any) -> None:
+def stamp_context(model: Any, config: Any) -> None:
     """Record the model's context length in the graph's metadata, for `compress generate` on a model
     folder without config.json."""
     import onnx
 
     limit = getattr(config, "max_position_embeddings", None)
-    if not limit:
-        return
+    if limit:
+        onnx.helper.set_model_props(model, {"max_position_embeddings": str(int(limit))})
+
+
+def _tied_pair(graph: Any) -> tuple[Any, Any] | None:
+    """(embedding Gather, lm_head weight) when the Gather's (vocab, hidden) weight equals the transpose
+    of a MatMul's (hidden, vocab) weight; weights held in external data are not compared."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL}
+    heads = [inits[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    for node in graph.node:
+        emb = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if emb is None or len(emb.dims) != 2 or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            continue
+        for head in heads:
+            if list(head.dims) == list(emb.dims)[::-1] and np.array_equal(
+                    numpy_helper.to_array(head), numpy_helper.to_array(emb).T):
+                return node, head
+    return None
+
+
+def share_tied_embedding(model: Any) -> int:
+    """A tied embedding / lm_head (SmolLM2: one (49152, 576) matrix) leaves the legacy exporter twice:
+    the Gather's (vocab, hidden) weight and a constant-folded (hidden, vocab) transpose for the lm_head
+    MatMul, 113 MB more (652.6 MB instead of 539.3 MB). The Gather is pointed at the lm_head's copy
+    on its axis 1, giving (hidden, batch, seq), and a Transpose puts hidden last again. Returns the
+    bytes saved (0 when nothing is tied)."""
+    import onnx
+
+    graph = model.graph
+    pair = _tied_pair(graph)
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    if pair is None or pair[0].input[1] not in ranks:
+        return 0
+    gather, head = pair
+    emb = next(i for i in graph.initializer if i.name == gather.input[0])
+    rank = ranks[gather.input[1]]  # input_ids (batch, seq): gathered (hidden, batch, seq), perm [1, 2, 0]
+    out = gather.output[0]
+    gather.input[0], gather.output[0] = head.name, out + "_hidden_first"
+    gather.ClearField("attribute")
+    gather.attribute.append(onnx.helper.make_attribute("axis", 1))
+    transpose = onnx.helper.make_node("Transpose", [gather.output[0]], [out], name=gather.name + "_hidden_last",
+                                      perm=[*range(1, rank + 1), 0])
+    graph.node.insert(list(graph.node).index(gather) + 1, transpose)
+    if not any(emb.name in n.input for n in graph.node):
+        graph.initializer.remove(emb)
+        return int(np.prod(emb.dims)) * onnx.helper.tensor_dtype_to_np_dtype(emb.data_type).itemsize
+    return 0
+
+
+def finish_graph(path: Path, config: Any) -> int:
+    """Stamp the context length and store a tied embedding once; returns the bytes saved."""
+    import onnx
+
     model = onnx.load(str(path), load_external_data=False)
-    onnx.helper.set_model_props(model, {"max_position_embeddings": str(int(limit))})
+    stamp_context(model, config)
+    saved = share_tied_embedding(model)
     onnx.save(model, str(path))
+    return saved
 
 
 def _torch_past(model: Any, layout: Layout, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> dict:
@@ -246,7 +303,7 @@ def export(model: Any, tokenizer: Any, texts: list[str], cfg: Any, workdir: Path
     feeds = parity_feeds(model, layout, tokenizer, texts, max_length)
     path = workdir / "model.onnx"
     export_graph(wrapper(model), feeds[-1], path, layout, cfg.opset, cfg.exporter)
-    stamp_context(path, model.config)
+    finish_graph(path, model.config)
     rows = parity.check("export.onnx (KV cache) vs transformers", real_tokens_only(reference(model, layout)),
                         real_tokens_only(OnnxRunner(path, "causal-lm").raw), feeds, cfg.atol, cfg.min_cosine, cfg.rtol)
     return path, rows

@@ -1,13 +1,16 @@
 """profile: onnxruntime latency of the current model at a given batch, sequence length and thread
 count (warm-up, then p50/p90/p99 over repeated runs on real text), throughput, peak memory of a
-fresh process, file size and the top ops from ORT's profiler. Its settings are also the ones the
-pipeline uses to time every stage, so the report compares like with like."""
+fresh process, file size and the top ops from ORT's profiler. For a causal LM with a KV cache also
+generation: time to first token for a prompt of `prompt_tokens` real tokens, decode tokens/s over
+`new_tokens` greedy steps (medians of `generate_runs`) and the peak memory of a fresh process that
+generates. Its settings are also the ones the pipeline uses to time every stage, so the report
+compares like with like."""
 from __future__ import annotations
 
 from pydantic import Field
 
 from compress.config import PassConfig
-from compress.profiling import LatencySettings, profile_file, real_feed
+from compress.profiling import LatencySettings, profile_file, prompt_ids, real_feed
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -19,18 +22,26 @@ class Profile(PassConfig):
     threads: int = Field(2, ge=1, le=256, description="intra-op threads (pinned)")
     warmup: int = Field(10, ge=0, le=1000, description="untimed runs first")
     runs: int = Field(50, ge=5, le=100000, description="timed runs for the percentiles")
+    prompt_tokens: int = Field(64, ge=1, le=32768, description=(
+        "causal LMs with a KV cache: real held-out tokens in the prompt whose time to first token is measured"))
+    new_tokens: int = Field(32, ge=2, le=4096, description=(
+        "causal LMs with a KV cache: greedy tokens per generation run (decode tokens/s over the 2nd to the last)"))
+    generate_runs: int = Field(3, ge=1, le=1000, description="causal LMs with a KV cache: timed generation runs (median)")
 
     def latency_settings(self) -> LatencySettings:
-        return LatencySettings(self.batch, self.seq, self.threads, self.warmup, self.runs)
+        return LatencySettings(self.batch, self.seq, self.threads, self.warmup, self.runs, self.prompt_tokens,
+                               self.new_tokens, self.generate_runs)
 
 
 def run(state: ModelState, cfg: Profile, ctx) -> ModelState:
     settings = cfg.latency_settings()
-    feed = real_feed(state.tokenizer, state.data.eval if state.data else [], settings.batch, settings.seq)
+    texts = state.data.eval if state.data else []
+    feed = real_feed(state.tokenizer, texts, settings.batch, settings.seq)
+    prompt = prompt_ids(state.tokenizer, texts, settings.prompt_tokens) if state.kind == "causal-lm" else None
     with ctx.console.status(f"profiling {state.path.name} (batch {cfg.batch}, seq {cfg.seq}, {cfg.threads} threads)"):
-        ctx.notes["profile"] = profile_file(state.path, state.kind, feed, settings, ctx.workdir)
+        ctx.notes["profile"] = profile_file(state.path, state.kind, feed, settings, ctx.workdir, prompt=prompt)
     return state
 
 
 PASS = PassSpec(name="profile", config=Profile, run=run, takes=("onnx", "ort"), gives=None, changes_model=False,
-                summary="Latency p50/p90/p99, throughput, peak memory, size and top ops with onnxruntime.")
+                summary="Latency p50/p90/p99, throughput, peak memory, size, top ops; TTFT and tokens/s for LLMs (onnxruntime).")
