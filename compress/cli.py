@@ -168,22 +168,28 @@ def profile(
     threads: int = typer.Option(2, min=1, help="intra-op threads (pinned)"),
     warmup: int = typer.Option(10, min=0, help="untimed runs"),
     runs: int = typer.Option(50, min=5, help="timed runs"),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1, help="causal LMs with a KV cache: prompt length for TTFT"),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="causal LMs with a KV cache: tokens generated for tokens/s"),
     as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
 ) -> None:
-    """Latency p50/p90/p99, throughput, peak memory, size and top ops of an ONNX model."""
+    """Latency p50/p90/p99, throughput, peak memory, size and top ops of an ONNX model; for a causal LM
+    with a KV cache also time to first token, decode tokens/s and peak memory while generating."""
     import tempfile
 
     from compress import models
     from compress.data import load
-    from compress.profiling import LatencySettings, profile_file, real_feed
+    from compress.profiling import LatencySettings, profile_file, prompt_ids, real_feed
 
     quiet_libraries()
     path = _onnx_file(model)
-    settings = LatencySettings(batch, seq, threads, warmup, runs)
+    settings = LatencySettings(batch, seq, threads, warmup, runs, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     tokenizer = models.find_tokenizer(path)
-    feed = real_feed(tokenizer, load("wiki").eval if tokenizer is not None else [], batch, seq)
+    texts = load("wiki").eval if tokenizer is not None else []
+    feed = real_feed(tokenizer, texts, batch, seq)
+    kind = models.onnx_signature(path)[0]
+    prompt = prompt_ids(tokenizer, texts, prompt_tokens) if kind == "causal-lm" else None  # cache graphs: generation
     with tempfile.TemporaryDirectory() as tmp, console.status(f"profiling {path.name}"):
-        result = profile_file(path, models.onnx_signature(path)[0], feed, settings, Path(tmp))
+        result = profile_file(path, kind, feed, settings, Path(tmp), prompt=prompt)
     result["inputs"] = "real text (held-out wiki)" if tokenizer is not None else "random token ids (no tokenizer beside the model)"
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -251,6 +257,10 @@ def _print_profile(path: Path, result: dict) -> None:
               f"throughput {result['throughput_per_s']:.1f}/s; peak memory {result['peak_rss_mb']:.0f} MB "
               f"({result['model_mb']:.0f} MB above the runtime baseline); "
               f"size {result['bytes'] / 1e6:.1f} MB")
+    gen = result.get("generation")
+    if gen:
+        out.print(f"generation: TTFT {gen['ttft_ms']:.1f} ms for a {gen['prompt_tokens']}-token prompt, "
+                  f"{gen['tokens_per_s']:.1f} tokens/s decoding, peak memory {gen.get('peak_rss_mb', float('nan')):.0f} MB")
     table = Table("op", "ms / run", "share")
     for row in result["top_ops"]:
         table.add_row(row["op"], f"{row['ms']:.2f}", f"{row['share']:.1%}")

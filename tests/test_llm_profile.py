@@ -294,3 +294,18 @@ def test_quant_int4_block_offsets_are_exact_for_weights_on_a_4_bit_grid(exported
     assert ops["MatMulNBits"] == 14 and ops["MatMul"] == 4 + 8 + 14 + 1  # attention, block sums, offsets, lm_head
     stages = result.report["stages"]
     assert stages[1]["offset_matmuls"] == 14 and stages[1]["params"] == stages[0]["params"]  # offsets: bookkeeping
+
+
+def test_cli_profile_of_a_cache_graph_prints_generation_numbers(exported):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    result = CliRunner().invoke(app, ["profile", str(exported), "--seq", "16", "--threads", "1", "--warmup", "1",
+                                      "--runs", "5", "--prompt-tokens", "8", "--new-tokens", "4", "--json"])
+
+    assert result.exit_code == 0, result.output
+    import json
+
+    gen = json.loads(result.stdout)["generation"]
+    assert gen["ttft_ms"] > 0 and gen["tokens_per_s"] > 0 and gen["prompt_tokens"] == 8 and gen["peak_rss_mb"] > 0
