@@ -91,17 +91,14 @@ def timings(rows: list[dict], files: dict, args, work: Path) -> dict:
     paths = {r["format"]: r["path"] for r in rows if r["path"] is not None}
     if files.get("riq", {}).get("float_onnx"):
         paths["riq decoded fp32 ONNX"] = files["riq"]["float_onnx"]
-    calls = {}
+    calls, inputs = {}, {}
     for name, path in paths.items():
         runner = OnnxRunner(path, "encoder", threads=args.threads)
-        inputs = runner.feed(feed)
-        calls[name] = (lambda r=runner, i=inputs: r.sess.run(None, i))
+        inputs[name] = runner.feed(feed)
+        calls[name] = (lambda r=runner, i=inputs[name]: r.sess.run(None, i))
     lat = time_interleaved(calls, settings, rounds=10)
-    out = {}
-    for name, path in paths.items():
-        inputs = OnnxRunner(path, "encoder", threads=args.threads).feed(feed)
-        out[name] = {"p50_ms": lat[name]["p50"], **peak_memory_mb(path, inputs, settings, work)}
-    return out
+    return {name: {"p50_ms": lat[name]["p50"], **peak_memory_mb(path, inputs[name], settings, work)}
+            for name, path in paths.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -73,16 +73,10 @@ def arch_of(config: Any) -> MoeArch:
 
 
 def check_supported(info: Any) -> list[str]:
-    """Validation before any work: a torch model folder must hold a supported MoE architecture."""
-    if info.path is None or info.form != "torch":
-        return []
-    from compress.models import read_hf_config
+    """A torch model folder must hold a supported MoE architecture."""
+    from compress.passes.prunable import supported_problems
 
-    try:
-        arch_of(read_hf_config(info.path))
-    except UserError as exc:
-        return [str(exc)]
-    return []
+    return supported_problems(info, arch_of)
 
 
 def experts_of(config: Any, arch: MoeArch) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -51,17 +51,23 @@ def family_of(config: Any) -> Family:
                     f"{', '.join(SUPPORTED)} (use prune.structured for other architectures)")
 
 
-def check_supported(info: Any) -> list[str]:
-    """Validation before any work: the input must be a torch model of a supported family."""
+def supported_problems(info: Any, lookup: Callable[[Any], Any]) -> list[str]:
+    """Validation before any work: `lookup(config)` (a family or architecture table) must accept the
+    input's config when the input is a torch model folder; its UserError becomes the problem."""
     if info.path is None or info.form != "torch":
         return []
     from compress.models import read_hf_config
 
     try:
-        family_of(read_hf_config(info.path))
+        lookup(read_hf_config(info.path))
     except UserError as exc:
         return [str(exc)]
     return []
+
+
+def check_supported(info: Any) -> list[str]:
+    """The input must be a torch model of a supported family."""
+    return supported_problems(info, family_of)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ When to use: to make the smallest file to ship or store (download size), with on
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -34,7 +33,7 @@ import numpy as np
 from pydantic import Field
 
 from compress.config import PassConfig
-from compress.passes.selection import Patterns
+from compress.passes.selection import Patterns, matches
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -54,15 +53,11 @@ class QuantRiq(PassConfig):
 
 # ---- the quantizer itself: numpy only ---------------------------------------------------------
 
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any((p.startswith("re:") and re.search(p[3:], name)) or p == name for p in patterns)
-
-
 def eligible(name: str, array: np.ndarray, include: list[str] = (), exclude: list[str] = ()) -> bool:
-    if array.dtype not in FLOAT_DTYPES or _matches(name, list(exclude)):
+    if array.dtype not in FLOAT_DTYPES or matches(name, list(exclude)):
         return False
     if include:
-        return _matches(name, list(include))
+        return matches(name, list(include))
     return array.size > MIN_ELEMENTS and array.ndim > 1
 
 
@@ -254,13 +249,6 @@ def _run_torch(state: ModelState, cfg: QuantRiq, feeds: list, progress) -> tuple
     return state.with_torch(model), result
 
 
-def _onnx_initializers(path) -> dict[str, np.ndarray]:
-    import onnx
-    from onnx import numpy_helper
-
-    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-
-
 def _run_onnx(state: ModelState, cfg: QuantRiq, feeds: list, progress, dst) -> tuple[ModelState, dict]:
     import onnx
     import onnxruntime as ort
@@ -268,7 +256,9 @@ def _run_onnx(state: ModelState, cfg: QuantRiq, feeds: list, progress, dst) -> t
 
     from compress.runtime import OnnxRunner
 
-    originals = {n: a for n, a in _onnx_initializers(state.path).items() if eligible(n, a, cfg.include, cfg.exclude)}
+    model = onnx.load(str(state.path))  # read once: the weights to search over, then rewritten in place
+    arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    originals = {n: a for n, a in arrays.items() if eligible(n, a, cfg.include, cfg.exclude)}
     current: dict = {"runner": OnnxRunner(state.path, state.kind, state.meta.get("pooling", "mean"))}
 
     def apply(weights: dict[str, np.ndarray]) -> None:
@@ -285,7 +275,6 @@ def _run_onnx(state: ModelState, cfg: QuantRiq, feeds: list, progress, dst) -> t
         return np.concatenate([_rows(state.kind, current["runner"](f), f["attention_mask"]) for f in feeds])
 
     result = quantize_model(originals, apply, outputs, cfg.deviation, progress)
-    model = onnx.load(str(state.path))
     for init in model.graph.initializer:
         if init.name in result["weights"]:
             init.CopyFrom(numpy_helper.from_array(result["weights"][init.name].astype(originals[init.name].dtype), init.name))

@@ -8,6 +8,11 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether `name` is one of the exact names or matches one of the `re:<regex>` patterns."""
+    return any((p.startswith("re:") and re.search(p[3:], name)) or p == name for p in patterns)
+
+
 def matching_nodes(path: Path, patterns: list[str]) -> list[str]:
     """Names of graph nodes matching any pattern (`re:<regex>` or an exact name)."""
     import onnx
@@ -15,14 +20,7 @@ def matching_nodes(path: Path, patterns: list[str]) -> list[str]:
     if not patterns:
         return []
     graph = onnx.load(str(path), load_external_data=False).graph
-    names = [n.name for n in graph.node]
-    out = []
-    for name in names:
-        for pat in patterns:
-            if (pat.startswith("re:") and re.search(pat[3:], name)) or pat == name:
-                out.append(name)
-                break
-    return out
+    return [n.name for n in graph.node if matches(n.name, patterns)]
 
 
 def validate_patterns(patterns: list[str]) -> list[str]:
