@@ -21,6 +21,7 @@ _MODULES: dict[str, str] = {
     "quant.int8": "compress.passes.quant_int8",
     "quant.int4": "compress.passes.quant_int4",
     "quant.riq": "compress.passes.riq",
+    "quant.weight_only": "compress.passes.quant_weight_only",
     "export.riq": "compress.exporters.riq_export",
     "profile": "compress.passes.profile",
     "prune.homodistil": "compress.passes.prune_homodistil",

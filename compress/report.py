@@ -174,6 +174,19 @@ def _riq_lines(stage: dict) -> list[str]:
     return lines + [""]
 
 
+def _weight_only_lines(stage: dict) -> list[str]:
+    """quant.weight_only's method and calibration; quant.int4's use of its codes."""
+    w = stage["weight_only"]
+    head = f"- stage {stage.get('index', '?')} {stage.get('name', '?')}: "
+    if "matmuls" in w:
+        return [head + f"{w['matmuls']} of the {w['layers']} layers quantized with {w['method']} written as MatMulNBits "
+                       "with their recorded codes" + ("" if w["matmuls"] == w["layers"] else
+                                                       " (the others changed after quantization: rounded to nearest)")]
+    calib = f", calibrated on {w['calibration_tokens']:,} training tokens" if w.get("calibration_tokens") else ""
+    return [head + f"{w['method']} int{w['bits']} (group {w['group_size']}, "
+                   f"{'symmetric' if w['symmetric'] else 'asymmetric'}) on {w['layers']} Linear layers{calib}"]
+
+
 def write_markdown(report: dict, path: Path) -> None:
     """Write report.md: title, stage table, final-vs-input line and any profile sections."""
     stages = report.get("stages") or []
@@ -188,6 +201,9 @@ def write_markdown(report: dict, path: Path) -> None:
             lines += _profile_lines(stage)
         if stage.get("riq") or stage.get("riq_file"):
             lines += _riq_lines(stage)
+    quantized = [line for stage in stages if stage.get("weight_only") for line in _weight_only_lines(stage)]
+    if quantized:
+        lines += ["## Weight-only quantization", "", *quantized, ""]
     Path(path).write_text("\n".join(lines), encoding="utf-8")
 
 

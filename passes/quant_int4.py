@@ -262,6 +262,68 @@ def _offset_targets(graph: Any, skip: set[str], block: int) -> set[str]:
             and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT}
 
 
+def _pack_blocks(codes: np.ndarray, zero_points: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (N, K) and zero points (N, K/block), unsigned, as MatMulNBits stores them: codes
+    (N, blocks, block * bits / 8) with K zero-padded to whole blocks, low nibble first at 4 bits;
+    zero points (N, ceil(blocks * bits / 8))."""
+    n, k = codes.shape
+    blocks = -(-k // block)
+    codes = np.pad(codes, ((0, 0), (0, blocks * block - k))).reshape(n, blocks, block)
+    if bits == 8:
+        return codes, zero_points.astype(np.uint8)
+    zero_points = np.pad(zero_points, ((0, 0), (0, blocks % 2)))
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4),
+            zero_points[:, 0::2] | (zero_points[:, 1::2] << 4))
+
+
+def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int]:
+    """Write quant.weight_only's codes (Neural Compressor's GPTQ / AWQ / RTN choices) as MatMulNBits:
+    a MatMul whose constant weight is bit for bit a recorded layer's dequantized weight (transposed)
+    becomes a MatMulNBits with that layer's codes, scales and zero points. Returns (MatMuls
+    rewritten, recorded layers)."""
+    import hashlib
+
+    import torch
+    from onnx import helper, numpy_helper
+    from safetensors.numpy import load_file
+
+    from compress.passes.quant_weight_only import dequantize
+
+    tensors, bits, group = load_file(info["file"]), info["bits"], info["group_size"]
+    recorded = {}
+    for key in tensors:
+        if key.endswith(".codes"):
+            name = key[: -len(".codes")]
+            codes, scales, zp = (tensors[f"{name}.{part}"] for part in ("codes", "scales", "zero_points"))
+            weight = dequantize(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zp), group).numpy()
+            recorded[hashlib.sha1(np.ascontiguousarray(weight.T).tobytes()).digest()] = (name, codes, scales, zp)
+    graph, done, nodes = model.graph, 0, []
+    inits = {i.name: i for i in graph.initializer}
+    shapes = {tuple(c.shape[::-1]) for _, c, _, _ in recorded.values()}
+    level = {"accuracy_level": cfg.accuracy_level} if cfg.accuracy_level else {}
+    for node in graph.node:
+        init = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        found = None
+        if init is not None and tuple(init.dims) in shapes:
+            found = recorded.get(hashlib.sha1(np.ascontiguousarray(numpy_helper.to_array(init)).tobytes()).digest())
+        if found is None:
+            nodes.append(node)
+            continue
+        name, codes, scales, zp = found
+        n, k = codes.shape
+        packed, zero_points = _pack_blocks(codes, zp, bits, group)
+        base = f"{node.input[1]}_Q{bits}G{group}"
+        graph.initializer.extend(numpy_helper.from_array(a, base + suffix) for a, suffix in
+                                 ((packed, ""), (scales.astype(np.float32), "_scales"), (zero_points, "_zero_points")))
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], base, base + "_scales", base + "_zero_points"],
+                                      list(node.output), name=node.name + f"_Q{bits}", domain="com.microsoft",
+                                      K=k, N=n, bits=bits, block_size=group, **level))
+        done += 1
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return done, len(recorded)
+
+
 def _nbits(model: Any, bits: int, excluded: list[str], cfg: QuantInt4) -> Any:
     """onnxruntime's MatMulNBits quantizer over the MatMuls not `excluded`; returns its ONNXModel."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -285,6 +347,17 @@ def run(state: ModelState, cfg: QuantInt4, ctx) -> ModelState:
     excluded = matching_nodes(state.path, cfg.exclude)
     if head is not None and not cfg.lm_head:
         excluded.append(head.name)
+    recorded = state.meta.get("weight_only")
+    if recorded:
+        rewritten, layers = use_recorded_codes(model, recorded, cfg)
+        if rewritten == 0:
+            raise ValueError(f"none of the {layers} layers quantized by quant.weight_only were found in this graph "
+                             "(a pass between them changed the weights): put quant.int4 right after export.onnx")
+        if rewritten < layers:
+            ctx.console.print(f"[yellow]quant.int4: {layers - rewritten} of the {layers} layers quantized by quant.weight_only "
+                              "are not in this graph as they were (a pass in between changed them): they are rounded "
+                              "to nearest here instead[/yellow]")
+        ctx.notes["weight_only"] = {"method": recorded["method"], "matmuls": rewritten, "layers": layers}
     keep = set(excluded) | ({head.name} if head is not None else set())
     targets = _offset_targets(model.graph, keep, cfg.block_size) if cfg.block_offsets else set()
     small = quantize_with_offsets(model, targets, cfg) if targets else []

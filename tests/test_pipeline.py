@@ -16,7 +16,8 @@ PREFIX = {"torch": [], "onnx": ["export.onnx"], "ort": ["export.onnx", "export.o
 # Training passes: a few steps on short samples are enough to exercise them.
 FAST = {"steps": 6, "batch_size": 4, "max_length": 32}
 QUICK = {"prune.homodistil": {**FAST, "mask_every": 2}, "distill.kd": FAST,  # prune.structured: one shot
-         "quant.riq": {"calibration_samples": 8}, "prune.experts": {"calibration_samples": 8, "max_length": 32}}
+         "quant.riq": {"calibration_samples": 8}, "prune.experts": {"calibration_samples": 8, "max_length": 32},
+         "quant.weight_only": {"samples": 4, "max_length": 32}}
 REQUIRES = {"export.riq": [{"pass": "quant.riq", "calibration_samples": 8}]}  # passes that must come right before
 
 

@@ -1,0 +1,216 @@
+"""quant.weight_only: calibrated weight-only int4 / int8 quantization of Linear layers with Intel
+Neural Compressor (RTN, GPTQ, AWQ), carried into onnxruntime's MatMulNBits by quant.int4.
+
+Methods (neural-compressor-pt 3.x, `neural_compressor.torch.quantization`):
+- `rtn`: round-to-nearest per block of `group_size` input weights (the baseline);
+- `gptq`: GPTQ (Frantar et al., arXiv 2210.17323): each layer's weights are rounded column by
+  column and the rounding error is pushed onto the columns not yet rounded, weighted by the inverse
+  Hessian of the layer's inputs on calibration tokens (`percdamp` dampening);
+- `awq`: AWQ (Lin et al., arXiv 2306.00978): per-input-channel scales s searched on calibration
+  activations so that salient channels lose less to rounding, W diag(s) quantized and 1/s folded into
+  the op before (RMSNorm weights for q/k/v and gate/up, up_proj rows for down_proj), then a clip
+  search. Llama-family decoders (Llama, Mistral, Qwen2).
+Calibration: `samples` windows of `max_length` tokens cut from the state's training text (never the
+held-out part), concatenated like GPTQ's C4 windows (no padding enters the statistics).
+
+The pass works on the torch model. Each quantized Linear gets back a plain nn.Linear whose weight is
+the exact dequantized value scale * (code - zero point), so the model still saves, reloads and
+exports as a normal transformers model, and its outputs are the quantized model's. The codes,
+scales and zero points are kept (weight_only.safetensors in the stage folder); after export.onnx,
+quant.int4 finds the MatMuls whose weights are bit-for-bit those dequantized values and writes them
+as MatMulNBits with these codes, so GPTQ's / AWQ's choices, not a fresh rounding, reach the ONNX
+file. The lm_head stays float here (quant.int4's lm_head options apply to it).
+When to use: decoder LLMs going to int4 where round-to-nearest loses too much perplexity."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from compress.config import PassConfig
+from compress.errors import UserError
+from compress.passes import prunable
+from compress.passes._quiet import quiet_root_logger
+from compress.registry import PassSpec
+from compress.state import ModelState
+
+AWQ_FAMILIES = ("llama", "mistral", "qwen2")
+# AWQ: the op each group of Linears takes its input from, relative to a decoder layer
+AWQ_ABSORB = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+              "mlp.up_proj": ("mlp.down_proj",)}
+CODES_FILE = "weight_only.safetensors"
+
+
+class QuantWeightOnly(PassConfig):
+    pass_name = "quant.weight_only"
+    method: Literal["rtn", "gptq", "awq"] = Field("gptq", description="rtn (no calibration), gptq or awq")
+    bits: Literal[4, 8] = Field(4, description="bits per weight")
+    group_size: int = Field(32, ge=16, le=256, description="input weights sharing one scale (power of two, >= 16)")
+    symmetric: bool = Field(False, description="symmetric blocks (zero point fixed at the middle code)")
+    samples: int = Field(32, ge=1, le=4096, description="gptq / awq: calibration windows of max_length tokens")
+    max_length: int = Field(256, ge=16, le=8192, description="gptq / awq: tokens per calibration window")
+    percdamp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian diagonal (fraction of its mean)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (16, 32, 64, 128, 256), got {v}")
+        return v
+
+
+def calibration_windows(tokenizer, texts: list[str], samples: int, length: int) -> torch.Tensor:
+    """(n, length) token ids: the texts' tokens concatenated (separated by EOS when the tokenizer
+    has one) and cut into full windows, at most `samples`."""
+    sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        if len(ids) >= samples * length:
+            break
+    n = min(samples, len(ids) // length)
+    if n == 0:
+        raise ValueError(f"the training text has {len(ids)} tokens, fewer than one calibration window of "
+                         f"max_length={length}: lower max_length or give more text (--data)")
+    return torch.tensor(ids[: n * length]).view(n, length)
+
+
+@contextlib.contextmanager
+def _quiet_inc():
+    """Neural Compressor logs every step at INFO (and torchao, which it imports, warns about torch
+    internals through torch.utils._pytree): keep errors only while it runs."""
+    loggers = [logging.getLogger(name) for name in ("torch.utils._pytree", "neural_compressor")]
+    levels = [lg.level for lg in loggers]
+    loggers[0].setLevel(logging.ERROR)
+    from neural_compressor.common.utils.logger import Logger
+
+    Logger()  # its first use resets the level from $LOGLEVEL: make that happen before ours
+    loggers[1].setLevel(logging.ERROR)
+    try:
+        with quiet_root_logger():
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _inc_config(cfg: QuantWeightOnly, workdir):
+    from neural_compressor.torch.quantization import AWQConfig, GPTQConfig, RTNConfig
+
+    common = dict(bits=cfg.bits, group_size=cfg.group_size, use_sym=cfg.symmetric)
+    if cfg.method == "rtn":
+        return RTNConfig(use_layer_wise=False, **common)
+    if cfg.method == "gptq":  # model_path: a folder GPTQ may use for layer-wise loading (unused here)
+        return GPTQConfig(percdamp=cfg.percdamp, act_order=False, model_path=str(workdir), **common)
+    return AWQConfig(folding=True, absorb_layer_dict=AWQ_ABSORB, **common)
+
+
+def _inc_quantize(model: torch.nn.Module, cfg: QuantWeightOnly, windows: torch.Tensor | None,
+                  causal: bool) -> torch.nn.Module:
+    """Neural Compressor's prepare -> calibration forwards -> convert, on `model` in place."""
+    with tempfile.TemporaryDirectory() as scratch, _quiet_inc(), torch.no_grad():
+        from neural_compressor.torch.quantization import convert, prepare
+
+        config = _inc_config(cfg, scratch)
+        extra = {"example_inputs": windows[:1]} if cfg.method == "awq" else {}
+        model = prepare(model, config, **extra)
+        if windows is not None:
+            extra = {"use_cache": False} if causal else {}
+            for row in windows:
+                model(input_ids=row[None], **extra)
+        return convert(model)
+
+
+def _unpack(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 (N, K), scales float32 (N, K/group), zero points uint8 (N, K/group)) of an
+    INCWeightOnlyLinear; symmetric blocks get their implicit zero point (2^(bits-1))."""
+    params = module.unpack()
+    codes, scales, zp = params["int_weight"], params["scales"].float(), params["zp"]
+    if zp is None:
+        zp = torch.full(scales.shape, 2 ** (module.bits - 1))
+    if codes.min() < 0:  # signed codes: shift to the unsigned form MatMulNBits reads
+        codes, zp = codes + 2 ** (module.bits - 1), zp + 2 ** (module.bits - 1)
+    return codes.to(torch.uint8), scales.contiguous(), zp.to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group: int) -> torch.Tensor:
+    """scale * (code - zero point), float32 (N, K): the weight the torch model and the ONNX export
+    carry, and what quant.int4 compares MatMul weights against."""
+    k = codes.shape[1]
+    steps = codes.float() - zero_points.float().repeat_interleave(group, dim=1)[:, :k]
+    return (steps * scales.repeat_interleave(group, dim=1)[:, :k]).contiguous()
+
+
+def _to_linears(model: torch.nn.Module, group: int) -> dict[str, torch.Tensor]:
+    """Replace every INCWeightOnlyLinear by an nn.Linear holding its dequantized weight; returns the
+    codes, scales and zero points by '<module name>.<part>'."""
+    from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, INCWeightOnlyLinear):
+            continue
+        codes, scales, zp = _unpack(module)
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight.data = dequantize(codes, scales, zp, group)
+        if module.bias is not None:
+            linear.bias.data = module.bias.detach().float().clone()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        tensors.update({f"{name}.codes": codes, f"{name}.scales": scales, f"{name}.zero_points": zp})
+    return tensors
+
+
+def run(state: ModelState, cfg: QuantWeightOnly, ctx) -> ModelState:
+    from safetensors.torch import save_file
+
+    if cfg.method == "awq":
+        awq_family(state.model.config)
+    model = copy.deepcopy(state.model).float().eval()
+    windows = None
+    if cfg.method != "rtn":
+        windows = calibration_windows(state.tokenizer, state.data.train, cfg.samples, cfg.max_length)
+        ctx.console.print(f"quant.weight_only: {cfg.method} calibration on {windows.shape[0]} x {windows.shape[1]} "
+                          "training tokens")
+    model = _inc_quantize(model, cfg, windows, state.kind == "causal-lm")
+    tensors = _to_linears(model, cfg.group_size)
+    if not tensors:
+        raise ValueError("Neural Compressor quantized no Linear layer of this model (nothing to carry into MatMulNBits)")
+    path = ctx.workdir / CODES_FILE
+    save_file(tensors, str(path))
+    layers = len(tensors) // 3
+    ctx.notes["weight_only"] = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+                                "symmetric": cfg.symmetric, "layers": layers,
+                                "calibration_tokens": 0 if windows is None else windows.numel()}
+    info = {"file": str(path), "bits": cfg.bits, "group_size": cfg.group_size, "method": cfg.method, "layers": layers}
+    return state.with_torch(model, weight_only=info)
+
+
+def awq_family(config) -> str:
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in AWQ_FAMILIES:
+        raise UserError(f"quant.weight_only method=awq supports Llama-family decoders ({', '.join(AWQ_FAMILIES)}), "
+                        f"not model_type '{model_type}': use method=gptq or rtn")
+    return model_type
+
+
+INSTALL = "pip install --no-deps neural-compressor-pt==3.10"
+
+
+def _check(cfg: QuantWeightOnly, info) -> list[str]:
+    import importlib.util
+
+    problems = [] if importlib.util.find_spec("neural_compressor") else [
+        f"quant.weight_only needs Intel Neural Compressor: {INSTALL} (without its torchao dependency)"]
+    return problems + (prunable.supported_problems(info, awq_family) if cfg.method == "awq" else [])
+
+
+PASS = PassSpec(name="quant.weight_only", config=QuantWeightOnly, run=run, takes=("torch",), gives="torch",
+                needs_data=lambda cfg: cfg.method != "rtn", check=_check,
+                summary="Weight-only int4/int8 with Neural Compressor (RTN, GPTQ, AWQ); quant.int4 writes the codes as MatMulNBits.")
