@@ -139,7 +139,7 @@ def _stops(tokenizer: Any, stop_tokens: Iterable[int] | None) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else ({int(eos)} if eos is not None else set())
 
 
-class _Stepper:
+class CacheStepper:
     """Runs one graph step and keeps the presents as the next step's past."""
 
     def __init__(self, sess: Any, specs: dict):
@@ -155,8 +155,8 @@ class _Stepper:
         return outs["logits"][0, -1]  # (vocab,) of the last position
 
 
-def _decode(step: _Stepper, ids: np.ndarray, max_new_tokens: int, pick: Callable[[np.ndarray], int],
-            stops: set[int]) -> tuple[list[int], float, float]:
+def decode_tokens(step: CacheStepper, ids: np.ndarray, max_new_tokens: int, pick: Callable[[np.ndarray], int],
+                  stops: set[int]) -> tuple[list[int], float, float]:
     """(new tokens, TTFT seconds, seconds of the decode steps)."""
     mask = np.ones_like(ids)
     start = time.perf_counter()
@@ -182,7 +182,7 @@ def generate(session_or_path: Any, tokenizer: Any, prompt: str, max_new_tokens: 
     ids = _prompt_ids(tokenizer, prompt)
     _check_length(ids.shape[1], max_new_tokens, context_limit(path, sess, max_context))
     stops, rng = _stops(tokenizer, stop_tokens), np.random.default_rng(seed)
-    tokens, ttft, decode_s = _decode(_Stepper(sess, specs), ids, max_new_tokens,
+    tokens, ttft, decode_s = decode_tokens(CacheStepper(sess, specs), ids, max_new_tokens,
                                      lambda logits: sample_token(logits, sampling, rng), stops)
     rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0
     return GenerateResult(token_ids=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True), ttft_s=ttft,

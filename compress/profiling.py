@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from compress.errors import UserError
-from compress.generate import _decode, _Stepper, context_limit  # generation timing runs the real loop
+from compress.generate import CacheStepper, context_limit, decode_tokens  # generation timing runs the real loop
 from compress.runtime import OnnxRunner, input_specs, is_past, session, tokenize
 
 
@@ -120,7 +120,7 @@ def _greedy(logits: np.ndarray) -> int:
 def generate_once(sess: Any, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """(TTFT seconds, decode tokens/s) of one greedy run of compress.generate's loop from an empty
     cache; no stop token, so it always makes `new_tokens` tokens."""
-    tokens, ttft, decode_s = _decode(_Stepper(sess, input_specs(sess)), ids, new_tokens, _greedy, set())
+    tokens, ttft, decode_s = decode_tokens(CacheStepper(sess, input_specs(sess)), ids, new_tokens, _greedy, set())
     return ttft, ((len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0)
 
 
