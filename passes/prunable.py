@@ -154,7 +154,8 @@ def apply_masks(model: nn.Module, fam: Family, geo: Geometry, masks: Masks) -> N
 
 
 def unit_scores(model: nn.Module, fam: Family, geo: Geometry, score: dict[int, torch.Tensor]) -> tuple[list, list]:
-    """Sum per-element scores (keyed by id(parameter)) into per-unit scores, per layer."""
+    """Sum per-element scores (keyed by id(parameter)) into per-unit scores, per layer. The scores of
+    o and down are required; a q/k/v/up/gate parameter without a score adds nothing."""
     heads, ffn = [], []
     for layer in layers(model, fam):
         lin = linears(layer, fam)
@@ -170,9 +171,10 @@ def unit_scores(model: nn.Module, fam: Family, geo: Geometry, score: dict[int, t
                     h += s(p).reshape(geo.kv_heads, per, -1).sum(dim=(1, 2))
         h += s(lin["o"].weight).reshape(-1, geo.kv_heads, g * hd).sum(dim=(0, 2))
         f = s(lin["down"].weight).sum(0).clone()
-        for key in ("up", "gate"):
+        for key in ("up", "gate"):  # a score may leave these out (importance=activation scores down only)
             if key in lin:
-                f += s(lin[key].weight).sum(1)
+                if s(lin[key].weight) is not None:
+                    f += s(lin[key].weight).sum(1)
                 if s(lin[key].bias) is not None:
                     f += s(lin[key].bias)
         heads.append(h)

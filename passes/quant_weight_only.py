@@ -147,9 +147,10 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Ten
     return (steps * scales.repeat_interleave(group, dim=1)[:, :k]).contiguous()
 
 
-def _to_linears(model: torch.nn.Module, group: int) -> dict[str, torch.Tensor]:
-    """Replace every INCWeightOnlyLinear by an nn.Linear holding its dequantized weight; returns the
-    codes, scales and zero points by '<module name>.<part>'."""
+def _to_linears(model: torch.nn.Module, group: int, biased: set[str]) -> dict[str, torch.Tensor]:
+    """Replace every INCWeightOnlyLinear by an nn.Linear holding its dequantized weight, with a bias
+    only where the original had one (`biased`: INC adds zero biases everywhere); returns the codes,
+    scales and zero points by '<module name>.<part>'."""
     from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 
     tensors: dict[str, torch.Tensor] = {}
@@ -157,9 +158,9 @@ def _to_linears(model: torch.nn.Module, group: int) -> dict[str, torch.Tensor]:
         if not isinstance(module, INCWeightOnlyLinear):
             continue
         codes, scales, zp = _unpack(module)
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=name in biased)
         linear.weight.data = dequantize(codes, scales, zp, group)
-        if module.bias is not None:
+        if name in biased:
             linear.bias.data = module.bias.detach().float().clone()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
@@ -178,8 +179,11 @@ def run(state: ModelState, cfg: QuantWeightOnly, ctx) -> ModelState:
         windows = calibration_windows(state.tokenizer, state.data.train, cfg.samples, cfg.max_length)
         ctx.console.print(f"quant.weight_only: {cfg.method} calibration on {windows.shape[0]} x {windows.shape[1]} "
                           "training tokens")
-    model = _inc_quantize(model, cfg, windows, state.kind == "causal-lm")
-    tensors = _to_linears(model, cfg.group_size)
+    with ctx.console.status(f"quant.weight_only: {cfg.method} over every Linear layer (minutes for a 100M-parameter LLM "
+                            "on a few cores)"):
+        model = _inc_quantize(model, cfg, windows, state.kind == "causal-lm")
+    biased = {name for name, m in state.model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    tensors = _to_linears(model, cfg.group_size, biased)
     if not tensors:
         raise ValueError("Neural Compressor quantized no Linear layer of this model (nothing to carry into MatMulNBits)")
     path = ctx.workdir / CODES_FILE

@@ -68,12 +68,90 @@ def test_pruned_model_reloads_equal_and_exports(fixture, kind, text_file, tmp_pa
     assert all(row["ok"] for row in exported.report["stages"][1]["parity"])
 
 
-def test_structured_magnitude_and_taylor_give_exact_sizes(tiny_llama, text_file, tmp_path, fast):
-    for importance in ("magnitude", "taylor", "random"):
-        Pipeline([{"pass": "prune.structured", "heads": 0.5, "ffn": 0.25, "importance": importance, "max_length": 32}]).run(
-            str(tiny_llama), str(text_file), tmp_path / importance, **fast)
+def test_structured_every_importance_gives_exact_sizes(tiny_llama, text_file, tmp_path, fast):
+    before, _, _ = load_hf(tiny_llama)
+    for importance in ("magnitude", "taylor", "random", "activation"):
+        Pipeline([{"pass": "prune.structured", "heads": 0.5, "ffn": 0.25, "importance": importance, "max_length": 32,
+                   "calibration_batches": 1}]).run(str(tiny_llama), str(text_file), tmp_path / importance, **fast)
         model, _, _ = load_hf(tmp_path / importance / "model")
         assert model.config.intermediate_size == 48 and model.config.num_key_value_heads == 1
+        # Per layer: q 16 x 32 + k 8 x 32 + v 8 x 32 + o 32 x 16 = 1536; gate/up/down 3 x 16 x 32 = 1536.
+        assert _params(model) == _params(before) - 2 * (1536 + 1536), importance
+
+
+PLANT = {  # layer 0's modules: MLP input norm, FFN input linears, FFN output, attention q/k/v
+    "llama": ("post_attention_layernorm", ("mlp.up_proj", "mlp.gate_proj"), "mlp.down_proj",
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    "bert": ("attention.output.LayerNorm", ("intermediate.dense",), "output.dense",
+             ("attention.self.query", "attention.self.key", "attention.self.value")),
+}
+
+
+@torch.no_grad()
+def _plant(folder, out, family: str, neuron: int = 5, dim: int = 3):
+    """Layer 0 of a tiny model gets (a) FFN neuron `neuron` with the smallest weights of its layer but
+    by far the largest activation: the MLP input norm's gain on `dim` is 100 and only this neuron reads
+    `dim` (its up/gate rows are 0.05 * e_dim); (b) attention unit 0 with 10x larger q/k weights but
+    zero values, so its output (the o input) is exactly 0. Magnitude keeps the dead unit and drops the
+    neuron; an activation-aware score must do the opposite."""
+    model, tok, _ = load_hf(folder)
+    layer = (model.model.layers if family == "llama" else model.encoder.layer)[0]
+    norm_path, up_paths, down_path, qkv_paths = PLANT[family]
+    norm, down = layer.get_submodule(norm_path), layer.get_submodule(down_path)
+    ups = [layer.get_submodule(path) for path in up_paths]
+    q, k, v = (layer.get_submodule(path) for path in qkv_paths)
+    norm.weight[dim] = 100.0
+    for up in ups:
+        up.weight[:, dim] = 0
+        up.weight[neuron] = 0
+        up.weight[neuron, dim] = 0.05
+    down.weight[:, neuron] *= 0.3
+    unit_q, unit_kv = q.weight.shape[0] // k.weight.shape[0] * 8, 8  # head_dim 8: one unit's q and k/v rows
+    q.weight[:unit_q] *= 10
+    k.weight[:unit_kv] *= 10
+    v.weight[:unit_kv] = 0
+    if v.bias is not None:
+        v.bias[:unit_kv] = 0
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return ups[0].weight[neuron].clone(), q.weight[:unit_q].clone()
+
+
+@pytest.mark.parametrize("fixture, family", [("tiny_llama", "llama"), ("tiny_bert", "bert")])
+def test_structured_activation_keeps_loud_small_neuron_and_drops_dead_unit(fixture, family, text_file, tmp_path,
+                                                                            fast, request):
+    folder = tmp_path / "planted"
+    planted_row, dead_q = _plant(request.getfixturevalue(fixture), folder, family)
+
+    kept = {}
+    for importance in ("activation", "magnitude"):
+        Pipeline([{"pass": "prune.structured", "heads": 0.5, "ffn": 0.5, "importance": importance, "max_length": 32,
+                   "calibration_batches": 1}]).run(str(folder), str(text_file), tmp_path / importance, **fast)
+        model, _, _ = load_hf(tmp_path / importance / "model")
+        layer = (model.model.layers if family == "llama" else model.encoder.layer)[0]
+        up, q = layer.get_submodule(PLANT[family][1][0]).weight, layer.get_submodule(PLANT[family][3][0]).weight
+        assert up.shape[0] == 32 and q.shape[0] == dead_q.shape[0] * (1 if family == "llama" else 2)
+        # kept rows stay in order, so unit 0 (if kept) is the first block of q
+        kept[importance] = (bool((up == planted_row).all(1).any()), torch.equal(q[: dead_q.shape[0]], dead_q))
+
+    assert kept["activation"] == (True, False)  # the loud neuron stays, the dead unit goes
+    assert kept["magnitude"] == (False, True)  # weight norms alone get both wrong
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"importance": "activation", "calibration_batches": 0}, "calibration_batches: Input should be greater than or equal to 1"),
+    ({"importance": "activation", "max_length": 4}, "max_length: Input should be greater than or equal to 8"),
+    ({"importance": "wanda"}, "importance: Input should be 'magnitude', 'taylor', 'random' or 'activation'"),
+])
+def test_structured_bad_activation_settings_rejected_before_work(params, message):
+    with pytest.raises(ConfigError, match=message):
+        Pipeline([{"pass": "prune.structured", **params}])
+
+
+def test_structured_activation_needs_calibration_data(tiny_llama):
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        Pipeline([{"pass": "prune.structured", "importance": "activation"}]).validate(str(tiny_llama), has_data=False)
+    Pipeline([{"pass": "prune.structured", "importance": "magnitude"}]).validate(str(tiny_llama), has_data=False)
 
 
 def test_distill_kd_recovers_fidelity_after_one_shot_pruning(tiny_bert_sharp, text_file, tmp_path, fast):

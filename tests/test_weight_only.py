@@ -45,6 +45,7 @@ def test_every_linear_becomes_a_matmulnbits_with_the_recorded_codes(runs):
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
 
     assert int4["weight_only"] == {"method": "gptq", "matmuls": LINEARS, "layers": LINEARS}
+    assert result.report["stages"][1]["params"] == result.report["stages"][0]["params"]  # no bias added
     assert len(nbits) == LINEARS and all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in nbits)
     weights = sum({a.name: a.i for a in n.attribute}["K"] * {a.name: a.i for a in n.attribute}["N"] for n in nbits)
     saved = result.report["stages"][2]["bytes"] - int4["bytes"]
