@@ -10,7 +10,7 @@ Models, all made by compress Pipelines (KV-cache graphs, export.onnx cache=true)
   int4 GPTQ / AWQ     quant.weight_only (Neural Compressor GPTQ / AWQ, asymmetric, group 32, 32 windows of 128
                       wiki training tokens) -> export.onnx -> quant.int4 writing those codes as MatMulNBits, with
                       int4 edge's lm_head_bits 8 and embeddings (block_offsets does not apply to recorded codes)
-  pruned + int4 edge  prune.structured (ffn 0.25, heads 0, magnitude: one-shot, no training) -> export.onnx
+  pruned + int4 edge  prune.structured (ffn 0.25, heads 0, activation importance: one-shot, no training) -> export.onnx
                       -> quant.int4 as int4 edge
 Columns: bytes on disk and the ratio to fp32; perplexity on the first 100 lee_background paragraphs
 (256 tokens each at most: the report's ppl_lee) and on the built-in wiki held-out split; time to first
@@ -34,7 +34,7 @@ from typing import Any
 INT4 = {"pass": "quant.int4", "block_size": 32}
 EDGE = {**INT4, "block_offsets": True, "lm_head_bits": 8, "embeddings": True}
 HEAD8 = {**INT4, "lm_head_bits": 8, "embeddings": True}
-PRUNE = {"pass": "prune.structured", "ffn": 0.25, "heads": 0.0, "importance": "magnitude"}
+PRUNE = {"pass": "prune.structured", "ffn": 0.25, "heads": 0.0, "importance": "activation"}
 CALIBRATED = {method: {"pass": "quant.weight_only", "method": method, "samples": 32, "max_length": 128}
               for method in ("gptq", "awq")}
 
