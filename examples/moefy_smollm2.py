@@ -1,10 +1,17 @@
 """Build the real-weight MoE benchmark fixture: SmolLM2-135M MoEfied into a transformers Mixtral
 model (each FFN of 1536 neurons split into 8 experts of 192, top-2 routing, routers trained on
-real hidden states). See passes/moefy.py for the method and the measured errors.
+real hidden states, then each layer's experts refitted block by block to the dense FFN on the MoE's
+own hidden states). See passes/moefy.py for the method and the measured errors.
 
-    python examples/moefy_smollm2.py --out out/smollm2-moe                 # 8 experts, top-2, seed 0
-    python examples/moefy_smollm2.py --out out/x --experts 4 --top-k 1 --router-steps 100
+    python examples/moefy_smollm2.py --out out/smollm2-moe --threads 1     # 8 experts, top-2, seed 0
+    python examples/moefy_smollm2.py --out out/x --recon-steps 100         # + Adam after the refit
+    python examples/moefy_smollm2.py --out out/x --no-reconstruction       # routers only
     python examples/moefy_smollm2.py --model path/to/llama_folder --out out/x --fast   # seconds
+
+Measured (seed 0, 1 thread on 2 busy cores; 20 lee_background paragraphs, dense 34.35): routers
+only ppl 1894 (12 min); + least-squares down_proj refit, ridge 1e-3: 468 (+4 min); ridge 1e-2 (the
+default): 436 (+1.5 min); ridge 1e-2 + 100 Adam steps: 412 (+12 min). With 2 threads on cores other jobs use, small matrix work ran
+~10x slower than with 1 (50 Adam steps of a block: 11.8 s vs 0.75 s): use --threads 1 there.
 
 Prints parameters, held-out perplexity (the first --ppl-paragraphs lee_background paragraphs, 256
 tokens at most each, never in the wiki training text) of the dense model and of the reloaded MoE,
@@ -17,6 +24,9 @@ from pathlib import Path
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
+    from compress.passes.moefy import Reconstruction
+
+    R = Reconstruction()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="dense Llama-family folder or alias (default smollm2)")
     ap.add_argument("--data", default="wiki", help="training text for the routers: built-in corpus or text file")
@@ -27,12 +37,30 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--router-steps", type=int, default=300, help="Adam steps per layer's router (half CE, half MSE)")
     ap.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens per layer (20%% held out)")
     ap.add_argument("--cluster-on", choices=("activations", "weights"), default="activations")
+    ap.add_argument("--recon-steps", type=int, default=R.steps, help="Adam steps per layer of block-wise reconstruction "
+                    "after the least-squares down_proj refit (0: refit only)")
+    ap.add_argument("--no-reconstruction", action="store_true", help="routers only: experts stay exact FFN slices")
+    ap.add_argument("--recon-tokens", type=int, default=R.tokens, help="training tokens of the reconstruction")
+    ap.add_argument("--recon-lr", type=float, default=R.lr)
+    ap.add_argument("--recon-target", choices=("ffn", "residual"), default=R.target)
+    ap.add_argument("--ridge", type=float, default=R.ridge, help="ridge of the least-squares down_proj refit")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (on busy cores 1 was ~10x faster than 2)")
     ap.add_argument("--ppl-paragraphs", type=int, default=20, help="lee_background paragraphs for perplexity")
     ap.add_argument("--fast", action="store_true", help="few tokens, steps and paragraphs (for tests)")
     args = ap.parse_args(argv)
     if args.fast:
         args.router_steps, args.max_tokens, args.ppl_paragraphs = min(args.router_steps, 20), 256, 4
+        args.recon_steps, args.recon_tokens = min(args.recon_steps, 20), 1024
     return args
+
+
+def _reconstruction(args):
+    from compress.passes.moefy import Reconstruction
+
+    if args.no_reconstruction:
+        return None
+    return Reconstruction(steps=args.recon_steps, tokens=args.recon_tokens, seq_len=32 if args.fast else 128,
+                          lr=args.recon_lr, target=args.recon_target, ridge=args.ridge)
 
 
 def _params(model) -> int:
@@ -61,11 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
     from compress.passes.moefy import MoefyReport, moefy
 
     args, start = _args(argv), time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dense, tokenizer, _ = load_hf(resolve(args.model))
     report = MoefyReport()
     moe_model = moefy(dense, load(args.data).train, tokenizer, experts=args.experts, top_k=args.top_k,
                       router_steps=args.router_steps, max_length=32 if args.fast else 128, seed=args.seed,
-                      max_tokens=args.max_tokens, cluster_on=args.cluster_on, report=report)
+                      max_tokens=args.max_tokens, cluster_on=args.cluster_on, reconstruction=_reconstruction(args),
+                      report=report)
     folder = Path(args.out) / "model"
     moe_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -81,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ppl_dense": _perplexity(dense, tokenizer, args.ppl_paragraphs, max_length),
         "ppl_moe": _perplexity(reloaded, tokenizer, args.ppl_paragraphs, max_length),
         "calibration_tokens": report.tokens, "router_steps": args.router_steps,
-        **{f"mean_{k}": report.mean(k) for k in ("error_init", "error_ce", "error_final", "error_oracle")},
+        **{f"mean_{k}": report.mean(k) for k in ("error_init", "error_ce", "error_final", "error_oracle", "block_before",
+                                                  "block_refit", "block_after") if k in report.layers[0]},
         "final_loss": report.mean("final_loss"), "all_experts_max_diff": report.all_experts_max_diff,
         "reload_max_diff": reload_diff, "layers": report.layers, "wall_s": time.perf_counter() - start,
     }
@@ -98,6 +130,10 @@ def _print(r: dict) -> None:
           f"tokens, {r['router_steps']} steps): random router {r['mean_error_init']:.3f}  after CE "
           f"{r.get('mean_error_ce', float('nan')):.3f}  after MSE {r['mean_error_final']:.3f}  "
           f"norm-oracle {r['mean_error_oracle']:.3f}")
+    if "mean_block_after" in r:
+        print(f"block-wise reconstruction (held-out tokens of the MoE's own stream, target dense FFN): before "
+              f"{r['mean_block_before']:.3f}  after least-squares down_proj {r.get('mean_block_refit', float('nan')):.3f}  "
+              f"after Adam {r['mean_block_after']:.3f}")
     for i, row in enumerate(r["layers"]):
         print(f"  layer {i:2d}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
     print(f"all-experts parity max |logit diff| {r['all_experts_max_diff']:.2e}; reload max |logit diff| "
