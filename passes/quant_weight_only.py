@@ -19,7 +19,9 @@ exports as a normal transformers model, and its outputs are the quantized model'
 scales and zero points are kept (weight_only.safetensors in the stage folder); after export.onnx,
 quant.int4 finds the MatMuls whose weights are bit-for-bit those dequantized values and writes them
 as MatMulNBits with these codes, so GPTQ's / AWQ's choices, not a fresh rounding, reach the ONNX
-file. The lm_head stays float here (quant.int4's lm_head options apply to it).
+file. The lm_head stays float here (quant.int4's lm_head options apply to it). Run export.onnx and
+quant.int4 in the same run: a model saved after this pass holds the dequantized fp32 weights only,
+and a later quant.int4 would round them afresh (to the same grid only where a block uses its end codes).
 When to use: decoder LLMs going to int4 where round-to-nearest loses too much perplexity."""
 from __future__ import annotations
 
