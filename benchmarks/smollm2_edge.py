@@ -7,7 +7,7 @@ Models, all made by compress Pipelines (KV-cache graphs, export.onnx cache=true)
   int4 edge           quant.int4 on the fp32 graph with block_offsets (each block's minimum kept exactly: SmolLM2's
                       weights came from GGUF Q4_1, d * q + m, which integer zero points can't hold), lm_head_bits 8
                       and embeddings (the tied matrix stored once, 8-bit, shared by Gather and lm_head)
-  int4 GPTQ / AWQ     quant.weight_only (Neural Compressor GPTQ / AWQ, asymmetric, group 32, 32 windows of 128
+  int4 RTN/GPTQ/AWQ   quant.weight_only (Neural Compressor RTN / GPTQ / AWQ, asymmetric, group 32, 32 windows of 128
                       wiki training tokens) -> export.onnx -> quant.int4 writing those codes as MatMulNBits, with
                       int4 edge's lm_head_bits 8 and embeddings (block_offsets does not apply to recorded codes)
   pruned + int4 edge  prune.structured (ffn 0.25, heads 0, activation importance: one-shot, no training) -> export.onnx
@@ -35,8 +35,8 @@ INT4 = {"pass": "quant.int4", "block_size": 32}
 EDGE = {**INT4, "block_offsets": True, "lm_head_bits": 8, "embeddings": True}
 HEAD8 = {**INT4, "lm_head_bits": 8, "embeddings": True}
 PRUNE = {"pass": "prune.structured", "ffn": 0.25, "heads": 0.0, "importance": "activation"}
-CALIBRATED = {method: {"pass": "quant.weight_only", "method": method, "samples": 32, "max_length": 128}
-              for method in ("gptq", "awq")}
+WEIGHT_ONLY = {method: {"pass": "quant.weight_only", "method": method, "samples": 32, "max_length": 128}
+               for method in ("rtn", "gptq", "awq")}
 
 
 def build(work: Path, threads: int, reuse: bool) -> dict[str, Path]:
@@ -53,7 +53,7 @@ def build(work: Path, threads: int, reuse: bool) -> dict[str, Path]:
     console = Console(stderr=True, width=160)
     fp32 = work / "int4" / "stages" / "01-export.onnx" / "model.onnx"
     runs = {"int4": ("smollm2", ["export.onnx", INT4]), "edge": (fp32, [EDGE]), "pruned": ("smollm2", [PRUNE, "export.onnx", EDGE]),
-            **{m: ("smollm2", [step, "export.onnx", HEAD8]) for m, step in CALIBRATED.items()}}
+            **{m: ("smollm2", [step, "export.onnx", HEAD8]) for m, step in WEIGHT_ONLY.items()}}
     for name, (model, passes) in runs.items():
         out = work / name
         if reuse and (out / "model.onnx").is_file():
@@ -64,7 +64,7 @@ def build(work: Path, threads: int, reuse: bool) -> dict[str, Path]:
                              latency=settings, tokenizer=tokenizer, console=console)
         console.print(f"[dim]{name}: {time.perf_counter() - t0:.0f} s[/dim]")
     return {"fp32 ONNX": fp32, "int4": work / "int4" / "model.onnx", "int4 edge": work / "edge" / "model.onnx",
-            "int4 GPTQ": work / "gptq" / "model.onnx", "int4 AWQ": work / "awq" / "model.onnx",
+            "int4 RTN (INC)": work / "rtn" / "model.onnx", "int4 GPTQ": work / "gptq" / "model.onnx", "int4 AWQ": work / "awq" / "model.onnx",
             "pruned + int4 edge": work / "pruned" / "model.onnx"}
 
 
@@ -106,7 +106,7 @@ def goals(rows: dict[str, dict]) -> list[str]:
     """The issue's acceptance goals for each int4 model, and pruned + int4 against both."""
     base, pruned = rows["fp32 ONNX"], rows["pruned + int4 edge"]
     lines = []
-    for name in ("int4", "int4 edge", "int4 GPTQ", "int4 AWQ"):
+    for name in ("int4", "int4 edge", "int4 RTN (INC)", "int4 GPTQ", "int4 AWQ"):
         r = rows[name]
         size, fast = base["bytes"] / r["bytes"], r["tokens_per_s"] / base["tokens_per_s"]
         ppl = max(r["ppl_lee"] / base["ppl_lee"], r["ppl_wiki"] / base["ppl_wiki"]) - 1
