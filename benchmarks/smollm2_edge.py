@@ -64,7 +64,8 @@ def build(work: Path, threads: int, reuse: bool) -> dict[str, Path]:
                              latency=settings, tokenizer=tokenizer, console=console)
         console.print(f"[dim]{name}: {time.perf_counter() - t0:.0f} s[/dim]")
     return {"fp32 ONNX": fp32, "int4": work / "int4" / "model.onnx", "int4 edge": work / "edge" / "model.onnx",
-            "int4 RTN (INC)": work / "rtn" / "model.onnx", "int4 GPTQ": work / "gptq" / "model.onnx", "int4 AWQ": work / "awq" / "model.onnx",
+            "int4 RTN (INC)": work / "rtn" / "model.onnx", "int4 GPTQ": work / "gptq" / "model.onnx",
+            "int4 AWQ": work / "awq" / "model.onnx",
             "pruned + int4 edge": work / "pruned" / "model.onnx"}
 
 

@@ -22,7 +22,12 @@ as MatMulNBits with these codes, so GPTQ's / AWQ's choices, not a fresh rounding
 file. The lm_head stays float here (quant.int4's lm_head options apply to it). Run export.onnx and
 quant.int4 in the same run: a model saved after this pass holds the dequantized fp32 weights only,
 and a later quant.int4 would round them afresh (to the same grid only where a block uses its end codes).
-When to use: decoder LLMs going to int4 where round-to-nearest loses too much perplexity."""
+When to use: decoder LLMs going to int4 where round-to-nearest loses too much perplexity.
+Measured (SmolLM2-135M, asymmetric group 32, 26 windows of 128 wiki training tokens, then export.onnx
+and quant.int4 lm_head_bits=8 embeddings=true; perplexity on 100 lee_background paragraphs / 128
+held-out wiki samples, fp32 31.24 / 26.80; benchmarks/smollm2_edge.py): rtn 39.14 / 33.92, gptq
+37.18 / 32.00, awq 35.01 / 30.00; all 101.3 MB (fp32 539.3), decode ~2x fp32. GPTQ took 966 s and AWQ
+1118 s on 2 loaded cores (the layer-by-layer calibration forwards dominate)."""
 from __future__ import annotations
 
 import contextlib
