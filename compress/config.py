@@ -2,11 +2,20 @@
 description (it feeds `compress passes` and the docs) and, where numeric, a range."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 Form = Literal["torch", "onnx", "ort"]
+
+
+def _power_of_two(v: int) -> int:
+    if v & (v - 1):
+        raise ValueError(f"must be a power of two (16, 32, 64, 128, 256), got {v}")
+    return v
+
+
+BlockSize = Annotated[int, AfterValidator(_power_of_two)]  # weights per quantization block / group; bounds via Field
 
 
 class PassConfig(BaseModel):

@@ -60,16 +60,13 @@ ARCHS = (
     MoeArch("deepseek_v3", ("deepseek_v3",), "n_routed_experts", router_bias="e_score_correction_bias",
             shared=("shared_experts",), routing="sigmoid_grouped", group_keys=("n_group", "topk_group")),
 )
-SUPPORTED = sorted(t for a in ARCHS for t in a.model_types)
 
 
 def arch_of(config: Any) -> MoeArch:
-    model_type = getattr(config, "model_type", "?")
-    for arch in ARCHS:
-        if model_type in arch.model_types:
-            return arch
-    raise UserError(f"expert pruning does not support model_type '{model_type}': supported are "
-                    f"{', '.join(SUPPORTED)} (dense models have no experts to prune: use prune.structured)")
+    from compress.passes.prunable import by_model_type
+
+    return by_model_type(config, ARCHS, "expert pruning does not support model_type '{model_type}': supported are "
+                                        "{supported} (dense models have no experts to prune: use prune.structured)")
 
 
 def check_supported(info: Any) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -39,16 +39,20 @@ FAMILIES = (
     Family("llama", ("llama", "qwen2", "mistral"), "layers", "self_attn.q_proj", "self_attn.k_proj",
            "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj", gate="mlp.gate_proj"),
 )
-SUPPORTED = sorted(t for f in FAMILIES for t in f.model_types)
+def by_model_type(config: Any, table: Iterable[Any], refusal: str) -> Any:
+    """The entry of `table` (items with `model_types`) holding the config's model_type; otherwise a
+    UserError from `refusal`, formatted with {model_type} and {supported} (the table's types)."""
+    model_type = getattr(config, "model_type", "?")
+    for entry in table:
+        if model_type in entry.model_types:
+            return entry
+    supported = ", ".join(sorted(t for entry in table for t in entry.model_types))
+    raise UserError(refusal.format(model_type=model_type, supported=supported))
 
 
 def family_of(config: Any) -> Family:
-    model_type = getattr(config, "model_type", "?")
-    for fam in FAMILIES:
-        if model_type in fam.model_types:
-            return fam
-    raise UserError(f"structured pruning does not support model_type '{model_type}': supported are "
-                    f"{', '.join(SUPPORTED)} (use prune.structured for other architectures)")
+    return by_model_type(config, FAMILIES, "structured pruning does not support model_type '{model_type}': supported "
+                                           "are {supported} (use prune.structured for other architectures)")
 
 
 def supported_problems(info: Any, lookup: Callable[[Any], Any]) -> list[str]:

@@ -28,9 +28,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from compress.config import PassConfig
+from compress.config import BlockSize, PassConfig
 from compress.passes._quiet import quiet_root_logger
 from compress.passes.selection import Patterns, matching_nodes
 from compress.registry import PassSpec
@@ -41,7 +41,7 @@ TRANSPOSE_HIDDEN_LAST = [1, 2, 0]  # (hidden, batch, seq) -> (batch, seq, hidden
 
 class QuantInt4(PassConfig):
     pass_name = "quant.int4"
-    block_size: int = Field(32, ge=16, le=256, description="weights per quantization block (power of two, >= 16)")
+    block_size: BlockSize = Field(32, ge=16, le=256, description="weights per quantization block (power of two, >= 16)")
     symmetric: bool = Field(True, description="symmetric blocks (no zero point)")
     accuracy_level: int = Field(4, ge=0, le=4, description="MatMulNBits compute type: 0 default, 1 fp32, 4 int8 (fastest on CPU)")
     exclude: Patterns = Field(default_factory=list, description="node names or 're:' patterns to keep in float")
@@ -57,13 +57,6 @@ class QuantInt4(PassConfig):
         "asymmetric blocks keeping each block's minimum exactly (a float offset, which MatMulNBits' integer zero "
         "point can't hold) through a small correction MatMul on block sums of the input; exact for weights already "
         "on a 4-bit grid (GGUF Q4_1, as SmolLM2), lower error in general, slower decode; lm_head excepted"))
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two (16, 32, 64, 128, 256), got {v}")
-        return v
 
 
 def lm_head_node(graph: Any) -> Any:
@@ -195,6 +188,30 @@ def tied_gathers(graph: Any, head: Any) -> set[str]:
     return tied
 
 
+def _matmul_nbits(inputs: list[str], output: str, name: str, k: int, n: int, bits: int, block: int,
+                  accuracy_level: int) -> Any:
+    """A com.microsoft MatMulNBits node (accuracy_level 0 left out: the kernel's default)."""
+    from onnx import helper
+
+    level = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    return helper.make_node("MatMulNBits", inputs, [output], name=name, domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, **level)
+
+
+def _pack_blocks(codes: np.ndarray, zero_points: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (N, K) and zero points (N, K/block), unsigned, as MatMulNBits stores them: codes
+    (N, blocks, block * bits / 8) with K zero-padded to whole blocks, low nibble first at 4 bits;
+    zero points (N, ceil(blocks * bits / 8))."""
+    n, k = codes.shape
+    blocks = -(-k // block)
+    codes = np.pad(codes, ((0, 0), (0, blocks * block - k))).reshape(n, blocks, block)
+    if bits == 8:
+        return codes, zero_points.astype(np.uint8)
+    zero_points = np.pad(zero_points, ((0, 0), (0, blocks % 2)))
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4),
+            zero_points[:, 0::2] | (zero_points[:, 1::2] << 4))
+
+
 def _offset_codes(weight: np.ndarray, block: int) -> tuple[np.ndarray, ...]:
     """A (K, N) weight as MatMulNBits codes (N, K/block, block/2), scales (N, K/block), packed zero
     points (N, ceil(K/block / 2)) and the float offsets (K/block, N) that the integer zero points miss.
@@ -209,11 +226,8 @@ def _offset_codes(weight: np.ndarray, block: int) -> tuple[np.ndarray, ...]:
     codes = np.clip(np.round((blocks - low[:, None]) / scale[:, None]), 0, 15).astype(np.uint8)
     zero = np.clip(np.round(-low / scale), 0, 15)
     offsets = (low + scale * zero).astype(np.float32)
-    codes = codes.transpose(2, 0, 1)  # (N, K/block, block): K runs fastest, two codes a byte, low nibble first
-    zero = zero.T.astype(np.uint8)
-    zero = np.pad(zero, ((0, 0), (0, zero.shape[1] % 2)))
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4), scale.T.astype(np.float32).copy(),
-            zero[:, 0::2] | (zero[:, 1::2] << 4), offsets)
+    packed, zero_points = _pack_blocks(codes.transpose(2, 0, 1).reshape(n, k), zero.T.astype(np.uint8), 4, block)
+    return packed, scale.T.astype(np.float32).copy(), zero_points, offsets
 
 
 def quantize_with_offsets(model: Any, names: set[str], cfg: QuantInt4) -> list[str]:
@@ -241,10 +255,8 @@ def quantize_with_offsets(model: Any, names: set[str], cfg: QuantInt4) -> list[s
                 graph.initializer.append(inits[ones])
             sums[x] = x + "_block_sums"
             nodes.append(helper.make_node("MatMul", [x, ones], [sums[x]], name=node.name + "_block_sums"))
-        level = {"accuracy_level": cfg.accuracy_level} if cfg.accuracy_level else {}
-        nodes += [helper.make_node("MatMulNBits", [x, base + "_Q4", base + "_scales", base + "_zero_points"],
-                                   [out + "_Q4"], name=node.name + "_Q4", domain="com.microsoft", K=k, N=n, bits=4,
-                                   block_size=cfg.block_size, **level),
+        nodes += [_matmul_nbits([x, base + "_Q4", base + "_scales", base + "_zero_points"], out + "_Q4",
+                                 node.name + "_Q4", k, n, 4, cfg.block_size, cfg.accuracy_level),
                   helper.make_node("MatMul", [sums[x], base + "_offsets"], [out + "_offsets"], name=node.name + "_offsets"),
                   helper.make_node("Add", [out + "_Q4", out + "_offsets"], [out], name=node.name + "_plus_offsets")]
     graph.ClearField("node")
@@ -262,20 +274,6 @@ def _offset_targets(graph: Any, skip: set[str], block: int) -> set[str]:
             and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT}
 
 
-def _pack_blocks(codes: np.ndarray, zero_points: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (N, K) and zero points (N, K/block), unsigned, as MatMulNBits stores them: codes
-    (N, blocks, block * bits / 8) with K zero-padded to whole blocks, low nibble first at 4 bits;
-    zero points (N, ceil(blocks * bits / 8))."""
-    n, k = codes.shape
-    blocks = -(-k // block)
-    codes = np.pad(codes, ((0, 0), (0, blocks * block - k))).reshape(n, blocks, block)
-    if bits == 8:
-        return codes, zero_points.astype(np.uint8)
-    zero_points = np.pad(zero_points, ((0, 0), (0, blocks % 2)))
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4),
-            zero_points[:, 0::2] | (zero_points[:, 1::2] << 4))
-
-
 def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int]:
     """Write quant.weight_only's codes (Neural Compressor's GPTQ / AWQ / RTN choices) as MatMulNBits:
     a MatMul whose constant weight is bit for bit a recorded layer's dequantized weight (transposed)
@@ -284,7 +282,7 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
     import hashlib
 
     import torch
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
     from safetensors.numpy import load_file
 
     from compress.passes.quant_weight_only import dequantize
@@ -300,7 +298,6 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
     graph, done, nodes = model.graph, 0, []
     inits = {i.name: i for i in graph.initializer}
     shapes = {tuple(c.shape[::-1]) for _, c, _, _ in recorded.values()}
-    level = {"accuracy_level": cfg.accuracy_level} if cfg.accuracy_level else {}
     for node in graph.node:
         init = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         found = None
@@ -315,9 +312,8 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
         base = f"{node.input[1]}_Q{bits}G{group}"
         graph.initializer.extend(numpy_helper.from_array(a, base + suffix) for a, suffix in
                                  ((packed, ""), (scales.astype(np.float32), "_scales"), (zero_points, "_zero_points")))
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], base, base + "_scales", base + "_zero_points"],
-                                      list(node.output), name=node.name + f"_Q{bits}", domain="com.microsoft",
-                                      K=k, N=n, bits=bits, block_size=group, **level))
+        nodes.append(_matmul_nbits([node.input[0], base, base + "_scales", base + "_zero_points"], node.output[0],
+                                   node.name + f"_Q{bits}", k, n, bits, group, cfg.accuracy_level))
         done += 1
     graph.ClearField("node")
     graph.node.extend(nodes)

@@ -37,20 +37,18 @@ import tempfile
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from compress.config import PassConfig
-from compress.errors import UserError
+from compress.config import BlockSize, PassConfig
 from compress.passes import prunable
 from compress.passes._quiet import quiet_root_logger
 from compress.registry import PassSpec
 from compress.state import ModelState
 
-AWQ_FAMILIES = ("llama", "mistral", "qwen2")
+LLAMA = next(f for f in prunable.FAMILIES if f.name == "llama")  # the models AWQ's absorb map fits
 # AWQ: the op each group of Linears takes its input from, relative to a decoder layer
-AWQ_ABSORB = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
-              "mlp.up_proj": ("mlp.down_proj",)}
+AWQ_ABSORB = {"input_layernorm": (LLAMA.q, LLAMA.k, LLAMA.v), "post_attention_layernorm": (LLAMA.gate, LLAMA.up),
+              LLAMA.up: (LLAMA.down,)}
 CODES_FILE = "weight_only.safetensors"
 
 
@@ -58,18 +56,11 @@ class QuantWeightOnly(PassConfig):
     pass_name = "quant.weight_only"
     method: Literal["rtn", "gptq", "awq"] = Field("gptq", description="rtn (no calibration), gptq or awq")
     bits: Literal[4, 8] = Field(4, description="bits per weight")
-    group_size: int = Field(32, ge=16, le=256, description="input weights sharing one scale (power of two, >= 16)")
+    group_size: BlockSize = Field(32, ge=16, le=256, description="input weights sharing one scale (power of two, >= 16)")
     symmetric: bool = Field(False, description="symmetric blocks (zero point fixed at the middle code)")
     samples: int = Field(32, ge=1, le=4096, description="gptq / awq: calibration windows of max_length tokens")
     max_length: int = Field(256, ge=16, le=8192, description="gptq / awq: tokens per calibration window")
     percdamp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian diagonal (fraction of its mean)")
-
-    @field_validator("group_size")
-    @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two (16, 32, 64, 128, 256), got {v}")
-        return v
 
 
 def calibration_windows(tokenizer, texts: list[str], samples: int, length: int) -> torch.Tensor:
@@ -203,12 +194,9 @@ def run(state: ModelState, cfg: QuantWeightOnly, ctx) -> ModelState:
     return state.with_torch(model, weight_only=info)
 
 
-def awq_family(config) -> str:
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in AWQ_FAMILIES:
-        raise UserError(f"quant.weight_only method=awq supports Llama-family decoders ({', '.join(AWQ_FAMILIES)}), "
-                        f"not model_type '{model_type}': use method=gptq or rtn")
-    return model_type
+def awq_family(config) -> prunable.Family:
+    return prunable.by_model_type(config, (LLAMA,), "quant.weight_only method=awq supports Llama-family decoders "
+                                                    "({supported}), not model_type '{model_type}': use method=gptq or rtn")
 
 
 INSTALL = "pip install --no-deps neural-compressor-pt==3.10"
