@@ -1,7 +1,8 @@
 """Measuring a stage: fidelity against the teacher on held-out text, and task metrics.
 
-Fidelity: encoder -> mean cosine of sentence embeddings; classifier / causal-lm -> mean KL(teacher ||
-student) of the output distributions and top-1 agreement (over real, unpadded tokens for an LM).
+Fidelity: encoder -> mean cosine of sentence embeddings; classifier / causal-lm / image-classifier ->
+mean KL(teacher || student) of the output distributions and top-1 agreement (over real, unpadded
+tokens for an LM; over held-out images for an image classifier).
 Task metrics for encoders (real labelled data from gensim's test set):
   lee50: Spearman between embedding cosine and human similarity over the 1225 pairs of the 50
          Lee documents (all-MiniLM-L6-v2: 0.508 with this code at 256 tokens; DATA.md says 0.505);
@@ -15,13 +16,21 @@ from typing import Any, Callable
 import numpy as np
 
 from compress.data import gensim_file
+from compress.images import batches as image_batches
 from compress.runtime import batches
 
 TASK_MAX_LENGTH = 256  # the sentence-transformers max_seq_length of all-MiniLM-L6-v2
 
 
-def outputs(run: Callable, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 16) -> list[np.ndarray]:
-    return [run(feed) for feed in batches(tokenizer, texts, max_length, batch_size)]
+def feeds(tokenizer: Any, samples: Any, max_length: int, batch_size: int = 16):
+    """Batches of held-out samples: tokenized texts, or images ((N, 3, H, W) array) as pixel_values."""
+    if isinstance(samples, np.ndarray):
+        return image_batches(samples, batch_size)
+    return batches(tokenizer, samples, max_length, batch_size)
+
+
+def outputs(run: Callable, tokenizer: Any, texts: Any, max_length: int, batch_size: int = 16) -> list[np.ndarray]:
+    return [run(feed) for feed in feeds(tokenizer, texts, max_length, batch_size)]
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -49,10 +58,10 @@ def fidelity(kind: str, student: Callable, teacher: Callable | list[np.ndarray],
              texts: list[str], max_length: int, batch_size: int = 16) -> dict[str, float]:
     """`teacher` is a runner or its cached outputs (same texts, same batching)."""
     rows, weights = [], []
-    for i, feed in enumerate(batches(tokenizer, texts, max_length, batch_size)):
+    for i, feed in enumerate(feeds(tokenizer, texts, max_length, batch_size)):
         t_out = teacher[i] if isinstance(teacher, list) else teacher(feed)
-        rows.append(compare(kind, student(feed), t_out, feed["attention_mask"]))
-        weights.append(feed["attention_mask"].sum() if kind == "causal-lm" else len(feed["input_ids"]))
+        rows.append(compare(kind, student(feed), t_out, feed.get("attention_mask")))
+        weights.append(feed["attention_mask"].sum() if kind == "causal-lm" else len(next(iter(feed.values()))))
     w = np.asarray(weights, dtype=np.float64)
     result = {k: float(np.average([r[k] for r in rows], weights=w)) for k in rows[0] if k != "cosine_min"}
     if "cosine_min" in rows[0]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress import models, runtime
+from compress import images, models, runtime
 from compress.config import Form
 from compress.errors import ModelLoadError
 from compress.state import ModelState
@@ -24,11 +24,20 @@ class ModelInfo:
 
 
 def describe(spec: Any) -> ModelInfo:
+    """A module without a transformers config, a built-in image alias, or a folder compress wrote
+    for a CNN (shapes.json) is an image classifier (compress/images.py)."""
     if _is_module(spec):
         cfg = getattr(spec, "config", None)
         arch = type(spec).__name__
-        return ModelInfo("torch", models.kind_of(cfg) if cfg is not None else "encoder", arch, None)
+        return ModelInfo("torch", models.kind_of(cfg) if cfg is not None else images.KIND, arch, None)
+    if isinstance(spec, str) and spec in models.IMAGE_ALIASES:
+        return ModelInfo("torch", images.KIND, spec, None)
     path = models.resolve(spec)
+    if path.is_dir() and (path / "shapes.json").is_file():
+        if not images.can_reload(path):
+            raise ModelLoadError(f"'{path}' holds a CNN that is not a built-in model; load it in Python with "
+                                 "compress.images.load_module(folder, model=YourClass(...)) and pass the module")
+        return ModelInfo("torch", images.KIND, "cnn", path)
     if path.is_file():
         if path.suffix not in models.ONNX_SUFFIXES:
             raise ModelLoadError(f"'{path}' is a file of an unsupported type; give an .onnx / .ort file or a transformers folder")
@@ -70,9 +79,16 @@ def load(spec: Any, info: ModelInfo, data: Any, tokenizer: Any = None, trust_rem
     if isinstance(tokenizer, (str, Path)):
         tokenizer = models.load_tokenizer(Path(tokenizer))
     if info.form != "torch":
-        tok = _require(tokenizer or models.find_tokenizer(info.path), info.path)
+        tok = None if info.kind == images.KIND else _require(tokenizer or models.find_tokenizer(info.path), info.path)
         return ModelState(source=source, kind=info.kind, form=info.form, path=info.path, tokenizer=tok,
                           teacher=info.path, data=data, architecture=info.architecture)
+    if info.kind == images.KIND:
+        if _is_module(spec):  # the caller's module is left as it is (train/eval mode included)
+            teacher = copy.deepcopy(spec).eval()
+        else:
+            teacher = images.build(spec) if info.path is None else images.load_module(info.path)
+        return ModelState(source=source, kind=info.kind, form="torch", model=copy.deepcopy(teacher), teacher=teacher,
+                          data=data, architecture=type(teacher).__name__)
     if _is_module(spec):  # the caller's module is left as it is (train/eval mode included)
         teacher, tok, pooling = copy.deepcopy(spec).eval(), _require(tokenizer, "the given module"), "mean"
     else:

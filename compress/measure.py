@@ -77,7 +77,7 @@ class Reference:
 def latency(state: ModelState, settings: profiling.LatencySettings) -> dict[str, float]:
     """Forward-pass percentiles (ms) of one (batch, seq) run; a causal-LM ONNX graph with a KV cache
     adds `ttft_ms` and `tokens_per_s` of greedy generation (prompt_tokens real tokens, new_tokens)."""
-    texts = state.data.eval if state.data else []
+    texts = state.data.eval if state.data is not None else []
     feed = profiling.real_feed(state.tokenizer, texts, settings.batch, settings.seq)
     if state.form == "torch":
         return profiling.time_torch(state.model, feed, settings)
@@ -99,7 +99,7 @@ def measure(state: ModelState, ref: Reference, max_length: int, settings: profil
     else:
         params, nbytes = onnx_params(state.path), profiling.file_bytes(state.path)
     record = {"form": state.form, "params": params, "bytes": nbytes}
-    if state.tokenizer is not None and state.data is not None:
+    if (state.tokenizer is not None or state.kind == "image-classifier") and state.data is not None:
         step(f"fidelity on {len(state.data.eval)} held-out samples")
         record["fidelity"] = evaluate.fidelity(state.kind, run, ref.target(), state.tokenizer, state.data.eval, max_length)
     step("task metrics (Lee-50, polarity)")

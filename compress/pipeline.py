@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from compress import data as data_mod
-from compress import loading, recipe, registry, report, stages
+from compress import images, loading, recipe, registry, report, stages
 from compress.config import PassConfig
 from compress.errors import ConfigError, OutputExistsError, PassFailed, UserError
 from compress.measure import MEASURE_STEPS, Reference, measure
@@ -60,10 +60,15 @@ def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, 
                    else "add export.onnx before it" if form == "torch" else "ONNX passes must come before export.ort")
             problems.append(f"passes[{i}] '{spec.name}' takes the {' or '.join(spec.takes)} form "
                             f"but gets the {form} form here: {fix}")
-        if spec.needs_data(cfg) and not has_data:
-            problems.append(f"passes[{i}] '{spec.name}' needs calibration data: give --data FILE or a built-in corpus")
-        problems.extend(f"passes[{i}] '{spec.name}': {p}" for p in spec.check(cfg, info))
-        problems.extend(f"passes[{i}] '{spec.name}': {p}" for p in spec.check_order(cfg, form, list(configs[:i])))
+        if info.kind not in spec.kinds:
+            able = [n for n in registry.names() if info.kind in registry.get(n).kinds]
+            problems.append(f"passes[{i}] '{spec.name}' does not work on a {info.kind} model; "
+                            f"the passes that do: {', '.join(able)}")
+        else:
+            if spec.needs_data(cfg) and not has_data:
+                problems.append(f"passes[{i}] '{spec.name}' needs calibration data: give --data FILE or a built-in corpus")
+            problems.extend(f"passes[{i}] '{spec.name}': {p}" for p in spec.check(cfg, info))
+            problems.extend(f"passes[{i}] '{spec.name}': {p}" for p in spec.check_order(cfg, form, list(configs[:i])))
         form = spec.gives or form
     return problems
 
@@ -115,7 +120,10 @@ class Pipeline:
         data_spec = data if data is not None else self.data
         info = self.validate(model)
         stages.check_outdir(outdir, [info.path, data_spec, self.source])
-        text = data_mod.load(data_spec)
+        if info.kind == images.KIND:
+            text = images.load(data_spec or "photos", size=images.input_size(info.path))
+        else:
+            text = data_mod.load(data_spec)
         settings = latency or self.latency_settings()
         with console.status(f"loading {model if model is not None else 'minilm'}"):
             state = loading.load(model, info, text, tokenizer, trust_remote_code)
@@ -163,7 +171,12 @@ class Pipeline:
 
     def _finish(self, state: ModelState, work: Path, settings: LatencySettings, data_spec: Any) -> dict:
         final = stages.write_final(state, work)
-        data_text = str(Path(data_spec).resolve()) if data_spec not in (None, *data_mod.BUILTIN) else (data_spec or "wiki")
+        if isinstance(data_spec, images.ImageData):
+            data_text = data_spec.source
+        elif data_spec in (None, *data_mod.BUILTIN, *images.BUILTIN):
+            data_text = data_spec or ("photos" if state.kind == images.KIND else "wiki")
+        else:
+            data_text = str(Path(data_spec).resolve())
         (work / "recipe.yaml").write_text(recipe.dump_recipe(self.configs, model=state.source, data=data_text))
         rep = {"model": state.source, "kind": state.kind, "architecture": state.architecture,
                "data": state.data.summary() if state.data else None,

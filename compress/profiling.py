@@ -44,7 +44,10 @@ class LatencySettings:
 
 
 def real_feed(tokenizer: Any, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:
-    """`batch` real samples, each filled to `seq` tokens (texts are repeated when too short)."""
+    """`batch` real samples, each filled to `seq` tokens (texts are repeated when too short). Images
+    ((N, 3, H, W) array): the first `batch` of them (repeated when fewer), `seq` unused."""
+    if isinstance(texts, np.ndarray):
+        return {"pixel_values": np.ascontiguousarray(texts[np.arange(batch) % len(texts)], dtype=np.float32)}
     if tokenizer is None:
         ids = np.random.default_rng(0).integers(1000, 2000, size=(batch, seq), dtype=np.int64)
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -75,13 +78,18 @@ def time_call(fn: Callable[[], Any], settings: LatencySettings) -> dict[str, flo
 def time_torch(model: Any, feed: dict[str, np.ndarray], settings: LatencySettings) -> dict[str, float]:
     import torch
 
+    if "pixel_values" in feed:
+        args, kwargs = (torch.from_numpy(feed["pixel_values"]),), {}
+    else:
+        args = ()
+        kwargs = {"input_ids": torch.from_numpy(feed["input_ids"]), "attention_mask": torch.from_numpy(feed["attention_mask"])}
+        if getattr(model.config, "is_decoder", False) or "CausalLM" in type(model).__name__:
+            kwargs["use_cache"] = False
     prev = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
-    ids, mask = torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"])
-    kwargs = {"use_cache": False} if getattr(model.config, "is_decoder", False) or "CausalLM" in type(model).__name__ else {}
     try:
         with torch.inference_mode():
-            return time_call(lambda: model(input_ids=ids, attention_mask=mask, **kwargs), settings)
+            return time_call(lambda: model(*args, **kwargs), settings)
     finally:
         torch.set_num_threads(prev)
 

@@ -12,6 +12,10 @@ from typing import Callable
 
 from compress.config import Form, PassConfig
 from compress.errors import UserError
+from compress.state import KINDS
+
+ALL_KINDS = KINDS  # a pass that works on every kind of model, image classifiers included
+TEXT_KINDS = tuple(k for k in KINDS if k != "image-classifier")  # the default
 
 # name -> module. Adding a pass = writing its module and one line here.
 _MODULES: dict[str, str] = {
@@ -48,6 +52,8 @@ class PassSpec:
     changes_model: bool | Callable[[PassConfig], bool] = True
     # check_order(config, form it gets or None if unknown, earlier configs) -> problems with its place in the list
     check_order: Callable[[PassConfig, Form | None, list], list[str]] = lambda cfg, form, earlier: []
+    # model kinds the pass works on (state.KINDS); image classifiers only where a pass says so
+    kinds: tuple[str, ...] = TEXT_KINDS
 
     def changes(self, cfg: PassConfig) -> bool:
         return self.changes_model(cfg) if callable(self.changes_model) else self.changes_model

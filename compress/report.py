@@ -94,7 +94,9 @@ def _title_lines(report: dict) -> list[str]:
                      f" / {_fmt(data.get('eval'), ',d')} eval samples")
     lat = (report.get("settings") or {}).get("latency") or {}
     if lat:
-        lines.append(f"- **Latency**: batch {_fmt(lat.get('batch'), 'd')}, seq {_fmt(lat.get('seq'), 'd')}, "
+        shape = (f"images of {'x'.join(str(d) for d in data['shape'][1:])}" if data.get("shape")
+                 else f"seq {_fmt(lat.get('seq'), 'd')}")
+        lines.append(f"- **Latency**: batch {_fmt(lat.get('batch'), 'd')}, {shape}, "
                      f"{_fmt(lat.get('threads'), 'd')} threads, {_fmt(lat.get('warmup'), 'd')} warmup, "
                      f"{_fmt(lat.get('runs'), 'd')} runs")
     if lat and _has_generation(report.get("stages") or []):

@@ -1,6 +1,7 @@
 """Running a model in either form on tokenized text, with one output per kind:
 encoder -> sentence embeddings (batch, hidden), L2-normalised;
-classifier -> logits (batch, labels); causal-lm -> logits (batch, seq, vocab).
+classifier -> logits (batch, labels); causal-lm -> logits (batch, seq, vocab);
+image-classifier -> logits (batch, classes) of `pixel_values` (batch, 3, H, W) (compress/images.py).
 Evaluation, parity checks and profiling all go through these runners, so torch and ONNX stages
 are measured the same way. A causal LM graph with a KV cache (export.onnx cache=true) is fed an
 empty past, (batch, kv_heads, 0, head_dim), so a whole text is one prompt step."""
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-SESSION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+SESSION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."  # past_key_values.{i}.key -> present.{i}.key
 ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -95,6 +96,10 @@ class TorchRunner:
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         import torch
 
+        if self.kind == "image-classifier":
+            with torch.inference_mode():
+                out = self.model(torch.from_numpy(feed["pixel_values"]))
+            return getattr(out, "logits", out).float().numpy()
         ids = torch.from_numpy(feed["input_ids"])
         mask = torch.from_numpy(feed["attention_mask"])
         kwargs = {}
@@ -126,6 +131,8 @@ def complete_feed(feed: dict[str, np.ndarray], inputs: list[str] | set[str] | di
     an empty KV cache for a cache graph. `inputs`: input names, or `input_specs(session)` (a cache
     graph needs the specs: the empty past takes kv_heads, head_dim and dtype from them)."""
     out = {k: v for k, v in feed.items() if k in inputs}
+    if "pixel_values" in feed:  # an image classifier: nothing to make
+        return out
     ids = feed["input_ids"]
     if "token_type_ids" in inputs and "token_type_ids" not in out:
         out["token_type_ids"] = np.zeros_like(ids)

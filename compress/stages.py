@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from compress import models
+from compress import images, models
 from compress.errors import UserError
 from compress.profiling import external_files
 from compress.state import ModelState
@@ -20,6 +20,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx", ".ort", ".data")
 def identity(spec: Any, info: Any) -> dict:
     """What makes an input the same input: its path and the size/mtime of its weight files."""
     if info.path is None:
+        if isinstance(spec, str):  # a built-in model made in code (efficientnet-lite0)
+            return {"builtin": spec}
         return {"module": type(spec).__name__, "id": id(spec)}
     if info.path.is_file():
         files = [info.path, *external_files(info.path)]
@@ -53,9 +55,7 @@ def prepare(sdir: Path, key: str, keep: bool) -> None:
 def save(state: ModelState, sdir: Path, key: str) -> ModelState:
     """Persist the stage: torch models via save_pretrained, file forms already live in sdir."""
     if state.form == "torch" and state.history[-1]["index"] > 0:
-        state.model.save_pretrained(sdir / "model")
-        if state.tokenizer is not None:
-            state.tokenizer.save_pretrained(sdir / "model")
+        save_torch(state, sdir / "model")
     elif state.form != "torch" and state.hf_config is not None:
         state.hf_config.to_json_file(sdir / "config.json")
     meta = {k: v for k, v in state.meta.items() if k != "hf_config"}
@@ -65,6 +65,16 @@ def save(state: ModelState, sdir: Path, key: str) -> ModelState:
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     tmp.rename(sdir / "stage.json")  # written last: its presence marks the stage as complete
     return state
+
+
+def save_torch(state: ModelState, folder: Path) -> None:
+    """transformers models: save_pretrained (+ tokenizer); CNNs: weights + layer widths (images.save_module)."""
+    if state.kind == images.KIND:
+        images.save_module(state.model, folder)
+        return
+    state.model.save_pretrained(folder)
+    if state.tokenizer is not None:
+        state.tokenizer.save_pretrained(folder)
 
 
 def _rel(path: Path | None, work: Path) -> dict | None:
@@ -91,7 +101,12 @@ def load_cached(sdir: Path, key: str, state: ModelState) -> ModelState | None:
         return state.with_record(rec)
     meta = dict(doc["meta"])
     if doc["form"] == "torch":
-        model, _, _ = models.load_hf(sdir / "model")  # local folder, safetensors
+        if state.kind == images.KIND:
+            if not images.can_reload(sdir / "model"):
+                return None  # a caller's own CNN class can't be rebuilt here: the pass runs again
+            model = images.load_module(sdir / "model")
+        else:
+            model, _, _ = models.load_hf(sdir / "model")  # local folder, safetensors
         new = replace(state, form="torch", model=model, path=None, meta=meta)
     else:
         loc = doc["path"]
@@ -126,9 +141,7 @@ def write_final(state: ModelState, work: Path) -> str:
     for name, src in state.meta.get("artifacts", {}).items():  # files a pass made beside the model (model.riq)
         shutil.copy2(src, work / name)
     if state.form == "torch":
-        state.model.save_pretrained(work / "model")
-        if state.tokenizer is not None:
-            state.tokenizer.save_pretrained(work / "model")
+        save_torch(state, work / "model")
         return "model"
     name = "model" + Path(state.path).suffix
     copy_model_file(Path(state.path), work / name)

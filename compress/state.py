@@ -12,7 +12,7 @@ from typing import Any
 from compress.config import Form
 from compress.data import TextData
 
-KINDS = ("encoder", "classifier", "causal-lm")
+KINDS = ("encoder", "classifier", "causal-lm", "image-classifier")
 
 
 @dataclass(frozen=True)

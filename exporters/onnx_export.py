@@ -6,7 +6,8 @@ the one path on which onnxruntime's transformer optimizer fuses Attention (STACK
 output `last_hidden_state` and the pooled, L2-normalised `sentence_embedding`; classifiers output
 `logits`. Causal LMs export with a KV cache by default (`cache=true`, see exporters/causal_lm.py:
 past_key_values inputs, present outputs, one graph for prompt and decode steps); with `cache=false`
-they output `logits` only. When to use: always, before any ONNX pass."""
+they output `logits` only. Image classifiers (compress/images.py): `pixel_values` (batch, 3, H, W) ->
+`logits`, dynamic batch, checked on held-out images. When to use: always, before any ONNX pass."""
 from __future__ import annotations
 
 import warnings
@@ -15,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from compress.config import PassConfig
-from compress.registry import PassSpec
+from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 from compress.exporters import parity
 
@@ -96,9 +97,47 @@ def _torch_outputs(wrapper, kind: str):
     return run
 
 
+def _export_image(model, feeds: list[dict], path, cfg: ExportOnnx) -> None:
+    """pixel_values (batch, 3, H, W) -> logits (batch, classes), dynamic batch."""
+    import torch
+
+    x = torch.from_numpy(feeds[0]["pixel_values"])
+    if cfg.exporter == "legacy":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=cfg.opset, input_names=["pixel_values"],
+                              output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+        return
+    prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=max(cfg.opset, 18), input_names=["pixel_values"],
+                             output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    prog.save(str(path), external_data=False)
+
+
+def _run_image(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
+    import torch
+
+    from compress.runtime import OnnxRunner
+
+    model = state.model.eval()
+    feeds = parity.feeds_from_texts(None, state.data.eval, ctx.max_length)
+    path = ctx.workdir / "model.onnx"
+    _export_image(model, feeds, path, cfg)
+
+    def reference(feed: dict) -> dict:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(feed["pixel_values"]))
+        return {"logits": getattr(out, "logits", out).float().numpy()}
+
+    ctx.notes["parity"] = parity.check("export.onnx vs PyTorch", reference, OnnxRunner(path, state.kind).raw, feeds,
+                                       cfg.atol, cfg.min_cosine, cfg.rtol)
+    return state.with_file(path, "onnx", exporter=cfg.exporter)
+
+
 def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
     from compress.runtime import OnnxRunner
 
+    if state.kind == "image-classifier":
+        return _run_image(state, cfg, ctx)
     model = state.model
     previous = getattr(model.config, "_attn_implementation", None)
     if cfg.exporter == "legacy" and previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
@@ -129,5 +168,5 @@ def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
     return state.with_file(path, "onnx", hf_config=model.config, exporter=cfg.exporter)
 
 
-PASS = PassSpec(name="export.onnx", config=ExportOnnx, run=run, takes=("torch",), gives="onnx",
+PASS = PassSpec(name="export.onnx", config=ExportOnnx, run=run, takes=("torch",), gives="onnx", kinds=ALL_KINDS,
                 summary="Export to ONNX (dynamic batch/sequence axes; KV cache for causal LMs), checked against PyTorch on held-out text.")

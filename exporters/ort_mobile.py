@@ -9,7 +9,7 @@ from pydantic import Field
 
 from compress.config import PassConfig
 from compress.exporters import parity
-from compress.registry import PassSpec
+from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
 
@@ -46,5 +46,5 @@ def run(state: ModelState, cfg: ExportOrt, ctx) -> ModelState:
     return state.with_file(dst, "ort")
 
 
-PASS = PassSpec(name="export.ort", config=ExportOrt, run=run, takes=("onnx",), gives="ort",
+PASS = PassSpec(name="export.ort", config=ExportOrt, run=run, takes=("onnx",), gives="ort", kinds=ALL_KINDS,
                 summary="Convert to the ORT mobile format (.ort) for edge runtimes, checked against the ONNX graph.")

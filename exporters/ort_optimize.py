@@ -13,7 +13,7 @@ from pydantic import Field
 
 from compress.config import PassConfig
 from compress.exporters import parity
-from compress.registry import PassSpec
+from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
 BERT_LIKE = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet")
@@ -77,5 +77,5 @@ def run(state: ModelState, cfg: OptimizeOrt, ctx) -> ModelState:
     return state.with_file(dst, "onnx", optimized=how)
 
 
-PASS = PassSpec(name="optimize.ort", config=OptimizeOrt, run=run, takes=("onnx",), gives="onnx",
+PASS = PassSpec(name="optimize.ort", config=OptimizeOrt, run=run, takes=("onnx",), gives="onnx", kinds=ALL_KINDS,
                 summary="onnxruntime graph optimisation / transformer fusion, checked for parity.")

@@ -46,8 +46,13 @@ def check(what: str, reference: Callable[[dict], dict], candidate: Callable[[dic
 
 
 def feeds_from_texts(tokenizer, texts: list[str], max_length: int) -> list[dict]:
-    """Two batches of different sizes and lengths, so dynamic axes are exercised."""
+    """Two batches of different sizes and lengths, so dynamic axes are exercised (images, an (N, 3,
+    H, W) array: batches of 2 and 3 images)."""
     from compress.runtime import tokenize
+
+    if isinstance(texts, np.ndarray):
+        return [{"pixel_values": np.ascontiguousarray(texts[idx], dtype=np.float32)}
+                for idx in (np.arange(2) % len(texts), (2 + np.arange(3)) % len(texts))]
 
     if tokenizer is None:
         rng = np.random.default_rng(0)

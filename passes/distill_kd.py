@@ -6,17 +6,20 @@ attention MSE): Hinton et al. 2015 (arXiv 1503.02531), TinyBERT (arXiv 1909.1035
   towards the teacher's, which helps when the gap is large (after aggressive pruning);
 - `self_data` (causal LMs): self-data distillation (arXiv 2410.09982): the teacher first
   regenerates the continuation of each training prompt; the student trains on those texts.
+Image classifiers (compress/images.py): KL of the logits on the training images, the model kept in
+eval mode (BatchNorm statistics frozen, no dropout / drop-connect).
 When to use: after any pass that hurt fidelity (one-shot pruning, expert pruning, fake-quant)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from pydantic import Field, model_validator
 
-from compress.passes.distill_losses import Taid
+from compress.passes.distill_losses import LossWeights, Taid
 from compress.passes.prune_homodistil import TrainingFields
 from compress.passes.trainer import tokenized, train
-from compress.registry import PassSpec
+from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
 
@@ -56,14 +59,28 @@ def regenerate(teacher, tokenizer, texts: list[str], cfg: DistillKD, console) ->
     return out
 
 
+TEXT_ONLY = ("w_hidden", "w_attention", "w_lm", "self_data", "prompt_tokens", "max_length")
+
+
 def _check(cfg: DistillKD, info) -> list[str]:
+    if info.kind == "image-classifier":
+        text_only = sorted(cfg.model_fields_set & set(TEXT_ONLY))
+        return [f"{', '.join(text_only)}: for transformers only; an image classifier distils its logits "
+                "(w_output, temperature, taid)"] if text_only else []
     if cfg.self_data and info.kind != "causal-lm":
         return [f"self_data needs a causal LM (the input is a {info.kind})"]
     return []
 
 
-def run(state: ModelState, cfg: DistillKD, ctx) -> ModelState:
-    student = copy.deepcopy(state.model)
+def _image_data(state: ModelState, cfg: DistillKD) -> tuple[dict, LossWeights, dict]:
+    """Logit KD on the training images (seeded batches of them; never the held-out photos)."""
+    import torch
+
+    weights = dataclasses.replace(cfg.loss_weights(), hidden=0.0, attention=0.0, lm=0.0)
+    return {"pixel_values": torch.from_numpy(state.data.train)}, weights, {"images": len(state.data.train)}
+
+
+def _text_data(state: ModelState, cfg: DistillKD, student, ctx) -> tuple[dict, LossWeights, dict]:
     t_heads = state.teacher.config.num_attention_heads
     if cfg.w_attention > 0 and student.config.num_attention_heads != t_heads:
         raise ValueError(f"w_attention needs the teacher's head count ({t_heads}); the student has "
@@ -71,16 +88,24 @@ def run(state: ModelState, cfg: DistillKD, ctx) -> ModelState:
     texts = state.data.train[: cfg.steps * cfg.batch_size]  # training part only, never held-out
     if cfg.self_data:
         texts = regenerate(state.teacher, state.tokenizer, texts, cfg, ctx.console)
-    data = tokenized(state.tokenizer, texts, cfg.max_length)
+    return (tokenized(state.tokenizer, texts, cfg.max_length), cfg.loss_weights(state.meta.get("pooling", "mean")),
+            {"texts": len(texts), "self_data": cfg.self_data})
+
+
+def run(state: ModelState, cfg: DistillKD, ctx) -> ModelState:
+    student = copy.deepcopy(state.model)
+    if state.kind == "image-classifier":
+        data, weights, what = _image_data(state, cfg)
+    else:
+        data, weights, what = _text_data(state, cfg, student, ctx)
     taid = Taid(cfg.taid_start) if cfg.taid else None
-    stats = train(student, state.teacher, state.kind, data, cfg.settings(), cfg.loss_weights(state.meta.get("pooling", "mean")),
-                  ctx.workdir, ctx.key,
+    stats = train(student, state.teacher, state.kind, data, cfg.settings(), weights, ctx.workdir, ctx.key,
                   ctx.console, taid=taid, resume=ctx.resume, label="distill")
     (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)
-    ctx.notes["distill"] = {**stats, "texts": len(texts), "self_data": cfg.self_data, "taid": cfg.taid}
+    ctx.notes["distill"] = {**stats, **what, "taid": cfg.taid}
     return state.with_torch(student.eval())
 
 
-PASS = PassSpec(name="distill.kd", config=DistillKD, run=run, takes=("torch",), gives="torch",
+PASS = PassSpec(name="distill.kd", config=DistillKD, run=run, takes=("torch",), gives="torch", kinds=ALL_KINDS,
                 needs_data=lambda cfg: True, check=_check,
                 summary="Knowledge-distillation recovery training against the input model (KD, TAID, self-data).")

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from compress.config import PassConfig
 from compress.profiling import LatencySettings, profile_file, prompt_ids, real_feed
-from compress.registry import PassSpec
+from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
 
@@ -43,5 +43,5 @@ def run(state: ModelState, cfg: Profile, ctx) -> ModelState:
     return state
 
 
-PASS = PassSpec(name="profile", config=Profile, run=run, takes=("onnx", "ort"), gives=None, changes_model=False,
+PASS = PassSpec(name="profile", config=Profile, run=run, takes=("onnx", "ort"), gives=None, changes_model=False, kinds=ALL_KINDS,
                 summary="Latency p50/p90/p99, throughput, peak memory, size, top ops; TTFT and tokens/s for LLMs (onnxruntime).")

@@ -256,3 +256,66 @@ def slice_model(model: nn.Module, fam: Family, geo: Geometry, masks: Masks) -> d
     elif cfg.num_attention_heads * geo.head_dim != cfg.hidden_size:
         cfg.attention_head_size = geo.head_dim  # BERT derives it from hidden_size: see compress.models
     return {"heads": cfg.num_attention_heads, "kv_heads": kept_units, "ffn": kept_ffn}
+
+
+def unit_params(model: nn.Module, fam: Family, geo: Geometry) -> tuple[int, int]:
+    """Parameters one kv unit (its query heads, k/v rows, o columns) and one FFN neuron hold in ONE
+    layer: what slice_model removes per unit (biases of row-sliced linears included)."""
+    lin = linears(layers(model, fam)[0], fam)
+
+    def rows(key: str, units: int) -> int:
+        m = lin[key]
+        return (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) // units
+
+    head = rows("q", geo.kv_heads) + rows("k", geo.kv_heads) + rows("v", geo.kv_heads) + lin["o"].weight.numel() // geo.kv_heads
+    neuron = rows("up", geo.ffn) + (rows("gate", geo.ffn) if fam.gate else 0) + lin["down"].weight.numel() // geo.ffn
+    return head, neuron
+
+
+def fractions_for_budget(model: nn.Module, fam: Family, geo: Geometry, keep: float,
+                         kinds: tuple[str, ...] = ("heads", "ffn")) -> dict[str, float]:
+    """The smallest fraction f, removed alike from each kind in `kinds`, that leaves at most `keep` of
+    the model's parameters (same count in every layer; the fractions are on the grid of unit counts).
+    Raises ValueError naming the reachable minimum when even the largest removal leaves more."""
+    head, neuron = unit_params(model, fam, geo)
+    before = sum(p.numel() for p in model.parameters())
+
+    def after(f: float) -> int:
+        h = geo.kv_heads - keep_count(geo.kv_heads, f) if "heads" in kinds else 0
+        n = geo.ffn - keep_count(geo.ffn, f) if "ffn" in kinds else 0
+        return before - geo.layers * (h * head + n * neuron)
+
+    grid = sorted({i / geo.ffn for i in range(geo.ffn)} | {i / geo.kv_heads for i in range(geo.kv_heads)})
+    for f in grid:
+        if after(f) <= keep * before:
+            return {k: round(f, 6) for k in kinds}
+    raise ValueError(f"params={keep} is out of reach by pruning {' and '.join(kinds)}: the most they can remove leaves "
+                     f"{after(grid[-1]) / before:.3f} of the {before:,} parameters (embeddings, norms and one unit per "
+                     "layer stay)")
+
+
+PARAMS_FIELD = dict(default=None, gt=0, lt=1, description=(
+    "instead of heads / ffn: keep at most this fraction of the model's parameters, the same fraction removed from "
+    "heads and FFN neurons (a kind set to 0 stays whole)"))
+
+
+def budget_problems(cfg: Any) -> list[str]:
+    """Checks of the `params` budget against the fraction fields, before any work."""
+    if cfg.params is None:
+        return []
+    fixed = {k: getattr(cfg, k) for k in ("heads", "ffn") if k in cfg.model_fields_set}
+    if any(v > 0 for v in fixed.values()):
+        return [f"give either params or fractions ({', '.join(f'{k}={v}' for k, v in fixed.items())}); with params, "
+                "heads=0 or ffn=0 keeps that kind whole"]
+    if len(fixed) == 2:
+        return ["params with heads=0 and ffn=0 leaves nothing to prune"]
+    return []
+
+
+def targets(cfg: Any, model: nn.Module, fam: Family, geo: Geometry) -> Any:
+    """`cfg` with heads / ffn solved from its `params` budget (unchanged without one)."""
+    if cfg.params is None:
+        return cfg
+    kinds = tuple(k for k in ("heads", "ffn") if k not in cfg.model_fields_set)
+    solved = {"heads": 0.0, "ffn": 0.0, **fractions_for_budget(model, fam, geo, cfg.params, kinds)}
+    return cfg.model_copy(update=solved)

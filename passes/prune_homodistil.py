@@ -58,6 +58,7 @@ class HomoDistil(TrainingFields):
     pass_name = "prune.homodistil"
     heads: float = Field(0.5, ge=0, lt=1, description="fraction of attention units (kv groups) to remove in every layer")
     ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN neurons to remove in every layer")
+    params: float | None = Field(**prunable.PARAMS_FIELD)
     w_lm: float = Field(0.5, ge=0, le=1000, description=(
         "causal LMs: weight of the next-token cross-entropy; it also gives the importance a signal while the "
         "student still equals the teacher (Llama has no dropout to do that)"))
@@ -173,6 +174,7 @@ def _tie_break(scores: list[torch.Tensor], magnitude: list[torch.Tensor]) -> lis
 def run(state: ModelState, cfg: HomoDistil, ctx) -> ModelState:
     student = copy.deepcopy(state.model)
     fam, geo = prunable.family_of(student.config), prunable.Geometry.of(student.config)
+    cfg = prunable.targets(cfg, student, fam, geo)
     before = sum(p.numel() for p in student.parameters())
     callbacks = Platon(student, cfg, fam, geo)
     data = tokenized(state.tokenizer, state.data.train, cfg.max_length)  # training part only, never held-out
@@ -187,10 +189,12 @@ def run(state: ModelState, cfg: HomoDistil, ctx) -> ModelState:
     (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)
     after = sum(p.numel() for p in student.parameters())
     ctx.notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
-                            "after": {**shape, "params": after}, "train": stats}
+                            "after": {**shape, "params": after}, "train": stats,
+                            "fractions": {"heads": cfg.heads, "ffn": cfg.ffn}}
     return state.with_torch(student.eval())
 
 
 PASS = PassSpec(name="prune.homodistil", config=HomoDistil, run=run, takes=("torch",), gives="torch",
-                needs_data=lambda cfg: True, check=lambda cfg, info: prunable.check_supported(info),
+                needs_data=lambda cfg: True,
+                check=lambda cfg, info: prunable.check_supported(info) + prunable.budget_problems(cfg),
                 summary="Iterative structured pruning of heads and FFN neurons while distilling from the input model (HomoDistil).")

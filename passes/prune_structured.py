@@ -13,7 +13,9 @@ BERT- or Llama-family model in one step, ranked by
   batches of the training text; an attention unit sums the same over the o / attention.output.dense
   input columns of its query heads. Works for every kind (a forward pass, no loss).
 Then slices the model like prune.homodistil (same regular architecture, reloads with the library's
-classes). No training: follow with distill.kd to recover. When to use: as a quick baseline, or
+classes). CNNs and other nets without a transformers config (kind image-classifier) are pruned by
+`channels` through Torch-Pruning's dependency graph instead (passes/prune_channels.py; magnitude,
+taylor or random). No training: follow with distill.kd to recover. When to use: as a quick baseline, or
 when there is no budget for iterative pruning; for decoder LLMs use `activation`.
 
 Why weight norms fail on LLMs: on SmolLM2-135M the rank correlation between a neuron's weight norm and
@@ -47,9 +49,10 @@ from pydantic import Field
 from torch import nn
 
 from compress.config import PassConfig
-from compress.passes import prunable
+from compress.images import KIND as IMAGE
+from compress.passes import prunable, prune_channels
 from compress.passes.trainer import tokenized
-from compress.registry import PassSpec
+from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
 
@@ -57,6 +60,7 @@ class PruneStructured(PassConfig):
     pass_name = "prune.structured"
     heads: float = Field(0.5, ge=0, lt=1, description="fraction of attention units (kv groups) to remove in every layer")
     ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN neurons to remove in every layer")
+    params: float | None = Field(**prunable.PARAMS_FIELD)
     importance: Literal["magnitude", "taylor", "random", "activation"] = Field(
         "magnitude", description="how units are ranked (activation: weights x calibration activations, best for LLMs)")
     taylor_batches: int = Field(8, ge=1, le=1000, description="taylor: training batches of 8 samples for the gradients")
@@ -64,6 +68,12 @@ class PruneStructured(PassConfig):
                                      description="activation: batches of 8 training samples run to measure activations")
     max_length: int = Field(128, ge=8, le=8192, description="taylor / activation: tokens per sample")
     seed: int = Field(0, ge=0, description="random: seed")
+    channels: float = Field(0.0, ge=0, lt=1, description=(
+        "CNNs and other nets without a transformers config (Torch-Pruning): fraction of channels removed from every "
+        "prunable layer group"))
+    round_to: int = Field(1, ge=1, le=128, description=(
+        "CNNs: kept channel counts are rounded DOWN to multiples of this (8 suits SIMD kernels, but a 16-channel layer "
+        "pruned by 10% then keeps 8)"))
 
 
 def _taylor_scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, torch.Tensor]:
@@ -131,27 +141,38 @@ def _scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, torch.T
 
 
 def run(state: ModelState, cfg: PruneStructured, ctx) -> ModelState:
+    if state.kind == IMAGE:
+        with ctx.console.status(f"pruning {cfg.channels:.0%} of the channels ({cfg.importance}, Torch-Pruning)"):
+            model, ctx.notes["pruning"] = prune_channels.prune(state, cfg.channels, cfg.importance, cfg.round_to,
+                                                               cfg.taylor_batches, cfg.seed)
+        return state.with_torch(model)
     model = copy.deepcopy(state.model)
     fam, geo = prunable.family_of(model.config), prunable.Geometry.of(model.config)
+    cfg = prunable.targets(cfg, model, fam, geo)
     before = sum(p.numel() for p in model.parameters())
     heads, ffn = prunable.unit_scores(model, fam, geo, _scores(model, state, cfg))
     keep_heads, keep_ffn = prunable.keep_count(geo.kv_heads, cfg.heads), prunable.keep_count(geo.ffn, cfg.ffn)
     shape = prunable.slice_model(model, fam, geo, prunable.top_masks(heads, ffn, keep_heads, keep_ffn))
     ctx.notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
                             "after": {**shape, "params": sum(p.numel() for p in model.parameters())},
-                            "importance": cfg.importance}
+                            "importance": cfg.importance, "fractions": {"heads": cfg.heads, "ffn": cfg.ffn}}
     return state.with_torch(model.eval())
 
 
 def _check(cfg: PruneStructured, info) -> list[str]:
+    if info.kind == IMAGE:
+        return prune_channels.check(cfg, info)
     problems = prunable.check_supported(info)
+    if cfg.channels > 0:
+        problems.append("channels applies to CNNs (Torch-Pruning); prune a transformer with heads and ffn")
     if cfg.importance == "taylor" and info.kind != "causal-lm":
         problems.append(f"importance=taylor needs a causal LM's loss (the input is a {info.kind}); use magnitude")
-    if cfg.heads == 0 and cfg.ffn == 0:
-        problems.append("nothing to prune: set heads and/or ffn above 0")
+    if cfg.heads == 0 and cfg.ffn == 0 and cfg.params is None:
+        problems.append("nothing to prune: set heads and/or ffn above 0, or a params budget")
+    problems.extend(prunable.budget_problems(cfg))
     return problems
 
 
 PASS = PassSpec(name="prune.structured", config=PruneStructured, run=run, takes=("torch",), gives="torch",
-                needs_data=lambda cfg: cfg.importance in ("taylor", "activation"), check=_check,
+                needs_data=lambda cfg: cfg.importance in ("taylor", "activation"), check=_check, kinds=ALL_KINDS,
                 summary="One-shot structured pruning of heads and FFN neurons (magnitude, Taylor, activation or random).")

@@ -93,7 +93,19 @@ def _load_checkpoint(path: Path, key: str, parts: dict[str, Any]) -> int:
     return state["step"] + 1
 
 
+@dataclass
+class _Logits:
+    """An image classifier's output in the shape the losses read."""
+
+    logits: torch.Tensor
+    hidden_states: tuple = ()
+    attentions: tuple = ()
+
+
 def _forward(model: torch.nn.Module, batch: dict, kind: str, attentions: bool):
+    if kind == "image-classifier":
+        out = model(batch["pixel_values"])
+        return _Logits(getattr(out, "logits", out))
     kwargs = {"output_hidden_states": True, "output_attentions": attentions}
     if kind == "causal-lm":
         kwargs["use_cache"] = False
@@ -104,7 +116,7 @@ def _forward(model: torch.nn.Module, batch: dict, kind: str, attentions: bool):
 def attention_for_training(models: list[torch.nn.Module], need_maps: bool):
     """Train with SDPA attention (faster) unless attention maps are needed for the loss; the models
     go back to their own implementation (eager, which ORT's fusion needs) afterwards."""
-    saved = [getattr(m.config, "_attn_implementation", None) for m in models]
+    saved = [getattr(getattr(m, "config", None), "_attn_implementation", None) for m in models]
     wanted = "eager" if need_maps else "sdpa"  # SDPA returns no attention maps
     switched = []
     for m, impl in zip(models, saved):
@@ -143,7 +155,8 @@ class DropoutSchedule:
 def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: dict[str, torch.Tensor],
           settings: TrainSettings, weights: LossWeights, workdir: Path, key: str, console: Console,
           callbacks: Callbacks | None = None, taid: Taid | None = None, resume: bool = False, label: str = "training") -> dict:
-    """Train `student` in place against `teacher` on `data` (tokenized: input_ids, attention_mask)."""
+    """Train `student` in place against `teacher` on `data` (tokenized: input_ids, attention_mask; images:
+    pixel_values)."""
     dropout = DropoutSchedule(student, settings.dropout_steps)
     devices = [next(m.parameters()).device for m in (student, teacher)]
     try:
@@ -187,7 +200,9 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
     start = _load_checkpoint(ckpt, key, saved) if resume else 0
     if start:
         console.print(f"    resumed {label} from the checkpoint of step {start}/{settings.steps}")
-    n = data["input_ids"].shape[0]
+    if kind == "image-classifier":  # BatchNorm statistics frozen, no dropout / drop-connect: match the eval teacher
+        model.eval()
+    n = next(iter(data.values())).shape[0]
     t0, avg, first, parts = time.perf_counter(), None, None, {}
     columns = (TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -200,8 +215,8 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
             with torch.no_grad():
                 t_out = _forward(teacher, batch, kind, weights.attention > 0)
             s_out = _forward(model, batch, kind, weights.attention > 0)
-            loss, parts = distill_loss(kind, s_out, t_out, batch["attention_mask"], weights, callbacks.head_keep(),
-                                       taid.t if taid is not None else None, batch["input_ids"])
+            loss, parts = distill_loss(kind, s_out, t_out, batch.get("attention_mask"), weights, callbacks.head_keep(),
+                                       taid.t if taid is not None else None, batch.get("input_ids"))
             acc.backward(loss)
             callbacks.after_backward(step, acc.unwrap_model(model))
             acc.clip_grad_norm_(model.parameters(), settings.max_grad_norm)

@@ -254,3 +254,43 @@ def test_tie_break_orders_equal_scores_by_magnitude():
 def test_homodistil_rejects_a_schedule_with_no_pruning_phase():
     with pytest.raises(ConfigError, match="leave no pruning phase"):
         Pipeline([{"pass": "prune.homodistil", "steps": 10, "initial_warmup": 0.6, "final_phase": 0.3}])
+
+
+def test_params_budget_removes_the_smallest_equal_fraction_that_fits(tiny_llama, text_file, tmp_path, fast):
+    from compress.passes import prunable
+
+    before_model, _, _ = load_hf(tiny_llama)
+    fam, geo = prunable.family_of(before_model.config), prunable.Geometry.of(before_model.config)
+    assert prunable.unit_params(before_model, fam, geo) == (1536, 96)  # q 16x32 + k, v 8x32 + o 32x16; 3 x 32
+    before = _params(before_model)  # embeddings and lm_head: 99% of this tiny model
+    result = Pipeline([{"pass": "prune.structured", "params": 0.995, "importance": "magnitude"}]).run(
+        str(tiny_llama), str(text_file), tmp_path / "o", **fast)
+
+    rec = result.report["stages"][1]["pruning"]
+    after = _params(result.state.model)
+    assert after <= 0.995 * before and after == rec["after"]["params"]
+    f = rec["fractions"]["ffn"]
+    assert rec["fractions"]["heads"] == f > 0
+    smaller = max(x for x in [i / 64 for i in range(64)] + [0.5, 0.0] if x < f)  # one grid step less removes too little
+    removed = 2 * ((2 - prunable.keep_count(2, smaller)) * 1536 + (64 - prunable.keep_count(64, smaller)) * 96)
+    assert before - removed > 0.995 * before
+
+
+def test_params_budget_with_heads_zero_prunes_ffn_only_and_homodistil_takes_it(tiny_bert, text_file, tmp_path, fast):
+    result = Pipeline([{"pass": "prune.homodistil", "params": 0.995, "heads": 0, **QUICK}]).run(
+        str(tiny_bert), str(text_file), tmp_path / "o", **fast)
+
+    rec = result.report["stages"][1]["pruning"]
+    assert rec["fractions"]["heads"] == 0 and rec["fractions"]["ffn"] > 0
+    assert rec["after"]["heads"] == 4 and rec["after"]["params"] <= 0.995 * rec["before"]["params"]
+
+
+@pytest.mark.parametrize("params, message, error", [
+    ({"params": 0.9, "ffn": 0.5}, "give either params or fractions", ConfigError),
+    ({"params": 0.9, "heads": 0, "ffn": 0}, "leaves nothing to prune", ConfigError),
+    ({"params": 0.5}, r"params=0.5 is out of reach by pruning heads and ffn: the most they can remove leaves 0.9", Exception),
+])
+def test_params_budget_bad_settings(params, message, error, tiny_llama, text_file, tmp_path, fast):
+    with pytest.raises(error, match=message):
+        Pipeline([{"pass": "prune.structured", **params}]).run(str(tiny_llama), str(text_file), tmp_path / "o", **fast)
+    assert not (tmp_path / "o").exists()
