@@ -270,3 +270,31 @@ def load_module(folder: Path, model: Any = None) -> Any:
     if doc.get("builder"):
         model.compress_builder = doc["builder"]
     return model.eval()
+
+
+def matching_views(x: Any, seed: int, min_scale: float = 0.25) -> Any:
+    """Random views of a training batch for distillation, the same for teacher and student ("function
+    matching", Beyer et al., "Knowledge distillation: A good teacher is patient and consistent",
+    arXiv 2106.05237): a random resized crop (area min_scale..1, aspect 3/4..4/3) of each image,
+    mirrored half the time, then mixup between images (weight ~ U(0, 1)). With few photos it is what
+    lets the student match the teacher's function rather than memorise its outputs on those photos.
+    `x`: (batch, 3, H, W) torch tensor; deterministic for `seed`."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    b, _, h, w = x.shape
+    out = []
+    for img in x:
+        area = h * w * (min_scale + (1 - min_scale) * torch.rand(1, generator=g).item())
+        aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(1, generator=g).item())
+        ch, cw = min(h, round(math.sqrt(area / aspect))), min(w, round(math.sqrt(area * aspect)))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+        view = F.interpolate(img[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear", align_corners=False)
+        out.append(view.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else view)
+    views = torch.cat(out)
+    lam = torch.rand(b, 1, 1, 1, generator=g).to(views.dtype)
+    return lam * views + (1 - lam) * views[torch.randperm(b, generator=g)]

@@ -6,8 +6,9 @@ attention MSE): Hinton et al. 2015 (arXiv 1503.02531), TinyBERT (arXiv 1909.1035
   towards the teacher's, which helps when the gap is large (after aggressive pruning);
 - `self_data` (causal LMs): self-data distillation (arXiv 2410.09982): the teacher first
   regenerates the continuation of each training prompt; the student trains on those texts.
-Image classifiers (compress/images.py): KL of the logits on the training images, the model kept in
-eval mode (BatchNorm statistics frozen, no dropout / drop-connect).
+Image classifiers (compress/images.py): KL of the logits on random views of the training images
+(crop, mirror, mixup; teacher and student see the same view: "function matching", arXiv 2106.05237),
+the model kept in eval mode (BatchNorm statistics frozen, no dropout / drop-connect).
 When to use: after any pass that hurt fidelity (one-shot pruning, expert pruning, fake-quant)."""
 from __future__ import annotations
 

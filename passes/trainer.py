@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from compress.images import matching_views
 from compress.passes.distill_losses import LossWeights, Taid, distill_loss
 
 
@@ -210,7 +211,10 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
         task = bar.add_task(label, total=settings.steps, completed=start, info="")
         for step in range(start, settings.steps):
             idx = batch_indices(step, n, settings.batch_size, settings.seed, acc.process_index, acc.num_processes)
-            batch = {k: v[idx].to(acc.device) for k, v in data.items()}
+            batch = {k: v[idx] for k, v in data.items()}
+            if kind == "image-classifier":  # a fresh random view of each photo, the same for both models
+                batch["pixel_values"] = matching_views(batch["pixel_values"], settings.seed * 1_000_003 + step)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
             dropout.at(step)
             with torch.no_grad():
                 t_out = _forward(teacher, batch, kind, weights.attention > 0)

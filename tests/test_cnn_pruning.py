@@ -165,3 +165,11 @@ def test_cli_prunes_the_builtin_efficientnet_and_refuses_text_passes(tmp_path):
     assert stages[2]["parity"][0]["ok"]
     reloaded = images.load_module(out / "stages" / "01-prune.structured" / "model")
     assert sum(p.numel() for p in reloaded.parameters()) == stages[1]["params"]
+
+
+def test_matching_views_are_seeded_random_views_of_the_batch(photos32):
+    x = torch.from_numpy(photos32.train[:8])
+    a, b, c = images.matching_views(x, 3), images.matching_views(x, 3), images.matching_views(x, 4)
+
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, x) and a.abs().max() <= x.abs().max() + 1e-5  # mixes of crops: no new extremes
