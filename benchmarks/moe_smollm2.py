@@ -1,8 +1,9 @@
 """Expert pruning on the MoEfied SmolLM2 (issue 5), from ONE run on this machine.
 
 The fixture: SmolLM2-135M turned into a transformers Mixtral MoE by examples/moefy_smollm2.py (8
-experts of 192 neurons, top-2, routers trained and experts reconstructed block by block on wiki
-training text; see passes/moefy.py), built here or taken from --moe-dir. Then, each as a compress
+experts of 192 neurons, top-2, routers trained, experts reconstructed block by block and then
+distilled end to end from the dense model on wiki training text; see passes/moefy.py and
+passes/moefy_refit.py), built here or taken from --moe-dir. Then, each as a compress
 Pipeline run in a fresh process (so wall time and peak RSS belong to that run alone):
   prune.experts keep=0.5 (8 -> 4 experts per layer) for method in frequency / tcess / reconstruction /
   random, x protect_super_experts on / off, x merge on / off (16 runs), and prune.experts (the best of
@@ -17,15 +18,28 @@ peak RSS. Then the issue's goals, met or NOT met.
     python benchmarks/moe_smollm2.py --quick                                 # smoke check: tiny settings
     python benchmarks/moe_smollm2.py --show WORKDIR/results.json             # the table again
 
-Measured (fixture: default examples/moefy_smollm2.py settings, seed 0, unpruned MoE 436.2 on 20
-paragraphs, dense SmolLM2 34.35; --ppl-paragraphs 20 --calibration-samples 32 --kd-steps 20
---kd-batch 4, 1 thread on 2 shared cores; 134.65M params / 538.7 MB -> 94.77M / 379.2 MB for every
-pruned run, ~60 s and ~4.2 GB peak RSS per run, KD run 198 s / 5.2 GB):
-  frequency 505.7 (1.159x), tcess 509.0 (1.167x), reconstruction 508.3 (1.165x), random 314177;
-  with merge: 734.9 / 746.3 / 763.8 / 946405; super-expert protection changed nothing for the
-  three informed methods (no super expert was among those they drop) and helped random (156116);
-  frequency + 20 distill.kd steps: 409.1 (closes 139% of the gap: below the unpruned teacher).
-  Goals: within 15% NOT met (15.9%), better than random met, recovery >= half the gap met."""
+Measured at the defaults (40 paragraphs, 64 calibration samples, distill.kd 100 steps x 8 samples,
+1 thread on 2 cores shared with other jobs), one run:
+  python examples/moefy_smollm2.py --out /tmp/moe_s4/fixture --threads 1 --kd-steps 150   # 17 min
+  python benchmarks/moe_smollm2.py --moe-dir /tmp/moe_s4/fixture/model --workdir /tmp/moe_s4/bench --threads 1
+Fixture with end-to-end distillation (150 steps): unpruned MoE 214.56 on 40 paragraphs (230.5 on
+20; dense SmolLM2 34.35 on 20). 134.65M params / 538.7 MB -> 94.77M / 379.2 MB for every pruned
+run, 165-200 s per run (load ~3 on 2 cores). Perplexity (ratio to the unpruned MoE), protect on /
+off, merge off / on:
+  frequency       248.75 (1.159x) / 248.75    merge 365.10 (1.702x) / 770.64 (3.592x)
+  tcess           246.55 (1.149x) / 246.55    merge 364.59 (1.699x) / 769.47 (3.586x)
+  reconstruction  248.26 (1.157x) / 248.26    merge 363.11 (1.692x) / 363.11
+  random          37631 / 124536              merge 185726 / 688754
+Super experts: one each in layers 11 and 28 (of 30); the informed methods keep them anyway, so
+protection changes nothing without merge, but unprotected they become merge targets and averaging
+a dropped expert into them (frequency, tcess) doubles the perplexity; random is 3.3x better with.
+tcess + protect (the best) + distill.kd 100 steps: 246.55 -> 225.50 (1.051x; 66% of the gap
+closed), 1314 s, 7.1 GB peak RSS (pruned runs ~4.2 GB, unpruned 1.9 GB). Benchmark 73 min in all.
+Goals: within 15% met by tcess (1.149x, a thin margin: frequency 1.159x, reconstruction 1.157x);
+better than random met; recovery >= half the gap met.
+Earlier (fixture without the distillation, unpruned 436.2 on 20 paragraphs; --ppl-paragraphs 20
+--calibration-samples 32 --kd-steps 20 --kd-batch 4): frequency 505.7 (1.159x), tcess 509.0
+(1.167x), reconstruction 508.3 (1.165x); frequency + 20 distill.kd steps 409.1."""
 from __future__ import annotations
 
 import argparse

@@ -32,23 +32,10 @@ tokens, 300 steps, 618 s on 2 loaded cores): random router 0.852, after phase 1 
 phase 2 0.614, oracle 0.573 (layers range 0.08-0.81 after training). Only 2 of 8 experts run, so
 with routers alone the MoE is a poor LM.
 
-Block-wise reconstruction (`Reconstruction`, after the routers; `reconstruct_experts`): layer by
-layer, on packed wiki training text (16384 tokens in rows of 128), each MoE block is fitted to the
-dense FFN on the inputs the MoE itself produces (its earlier layers already converted), first by
-the closed-form least-squares down_proj for the current routing (`refit_down`, ridge 1e-2 towards
-the current weights), then optionally by Adam on experts and router. Measured on SmolLM2-135M
-(top-2, seed 0, 1 torch thread on 2 heavily shared cores; perplexity on the first 20
-lee_background paragraphs, <= 256 tokens each; dense model 34.35 on this text), mean held-out block
-error over layers and perplexity:
-  routers only                                    block 0.563   ppl 1894    (12 min)
-  + refit, target = dense FFN, ridge 1e-3         block 0.483   ppl 468     (+224 s)
-  + refit, target = dense FFN, ridge 1e-2         block 0.461   ppl 436     (+94 s, less load)  <- default
-  + refit, target = dense residual stream, 1e-3   block 0.831   ppl 766     (+464 s)
-  + refit (ridge 1e-2) + 100 Adam steps, lr 1e-4  block 0.460 -> 0.458   ppl 412   (+710 s)
-So the default is the refit with target `ffn`, ridge 1e-2 and no Adam steps (Adam bought 0.002
-of block error and 436 -> 412 perplexity for 10 more minutes). The residual target (make the
-MoE's stream match the dense one; its block error is against that harder target) is worse: it asks
-each layer to undo the errors of all earlier ones. The MoE is still far from the
+Then (passes/moefy_refit.py, where the measurements are) each MoE block is refitted to the dense
+FFN on the MoE's own hidden states (`Reconstruction`: least-squares down_proj; routers only ppl
+1894 -> 436 on SmolLM2, dense 34.35) and, optionally, the whole MoE is distilled end to end from
+the dense model's logits (`Distillation`; 150 steps: 474 -> 231 in 13 min). The MoE is still far from the
 dense model (top-2 of 8 keeps a quarter of each FFN): it is a routing / expert-pruning fixture
 whose pruned variants are compared with it, not a replacement for SmolLM2.
 `MoefyReport.layers` holds the per-layer numbers (examples/moefy_smollm2.py prints them)."""
@@ -62,6 +49,8 @@ import torch.nn.functional as F
 
 from compress.errors import UserError
 from compress.passes import moe
+from compress.passes.moefy_refit import (Distillation, Reconstruction, distill_moe, packed_ids, reconstruct_experts,
+                                         relative_error)
 
 SUPPORTED = ("llama", "mistral")
 MIXTRAL = next(a for a in moe.ARCHS if a.name == "mixtral")
@@ -75,6 +64,7 @@ class MoefyReport:
     layers: list[dict[str, float]] = field(default_factory=list)
     all_experts_max_diff: float = float("nan")  # max |logit diff|, dense vs Mixtral with every expert on
     tokens: int = 0  # calibration tokens per layer (train + held out)
+    distillation: dict[str, Any] = field(default_factory=dict)  # the trainer's stats (first / final loss, seconds)
 
     def mean(self, key: str) -> float:
         return sum(row[key] for row in self.layers) / max(len(self.layers), 1)
@@ -210,10 +200,6 @@ def _routed(block: Any, outputs: torch.Tensor, x: torch.Tensor, top_k: int) -> t
     return moe.combine(outputs, weights, idx)
 
 
-def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
-    return float((pred - target).norm() / target.norm().clamp_min(1e-12))
-
-
 def _norm_labels(outputs: torch.Tensor, top_k: int) -> torch.Tensor:
     """(tokens, top_k): the experts with the largest output norm on each token."""
     return outputs.norm(dim=-1).T.topk(top_k, dim=-1).indices
@@ -283,26 +269,15 @@ def check_all_experts(dense: Any, mixtral: Any, input_ids: torch.Tensor) -> floa
     return float(diff)
 
 
-@dataclass(frozen=True)
-class Reconstruction:
-    """Block-wise reconstruction after the routers are trained (see `reconstruct_experts`)."""
-
-    steps: int = 0  # Adam steps per layer after the refit (measured: little gain for their time, see above)
-    tokens: int = 16384  # training tokens, packed into rows of seq_len
-    seq_len: int = 128
-    lr: float = 1e-4
-    batch: int = 512  # tokens per step
-    target: Literal["ffn", "residual"] = "ffn"
-    ridge: float | None = 1e-2  # least-squares down_proj refit before Adam (None: no refit)
-
-
 def moefy(model: Any, texts: list[str], tokenizer: Any, experts: int = 8, top_k: int = 2, router_steps: int = 300,
           max_length: int = 128, seed: int = 0, max_tokens: int = 4096,
           cluster_on: Literal["activations", "weights"] = "activations",
-          reconstruction: Reconstruction | None = Reconstruction(), report: MoefyReport | None = None) -> Any:
+          reconstruction: Reconstruction | None = Reconstruction(), distillation: Distillation | None = None,
+          report: MoefyReport | None = None) -> Any:
     """Dense Llama-family causal LM -> MixtralForCausalLM (eval mode, same dtype). `report`, when
-    given, is filled with per-layer errors and the all-experts check. `reconstruction=None` (or 0
-    steps) stops after the routers."""
+    given, is filled with per-layer errors, the all-experts check and the distillation's losses.
+    `reconstruction=None` (or 0 steps and no ridge) stops after the routers; `distillation` (off
+    by default) then trains the MoE end to end against `model` on the same texts."""
     from transformers import MixtralForCausalLM
 
     from compress.runtime import tokenize
@@ -333,6 +308,8 @@ def moefy(model: Any, texts: list[str], tokenizer: Any, experts: int = 8, top_k:
                                    r.lr, r.target, r.batch, r.ridge)
         for row, new in zip(report.layers, rows):
             row.update(new)
+    if distillation is not None and distillation.steps > 0:
+        report.distillation = distill_moe(model, mixtral, tokenizer, texts, distillation, seed)
     return mixtral
 
 
@@ -347,150 +324,3 @@ def _convert_layer(mlp: Any, block: Any, x: torch.Tensor, steps: int, top_k: int
     with torch.enable_grad():
         result = train_router(block, x.to(block.gate.weight.dtype), y, steps, top_k, seed)
     return result
-
-
-# --- block-wise reconstruction of the experts (after the routers are trained) ---------------------------------------
-
-
-def packed_ids(tokenizer: Any, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
-    """(sequences, seq_len) token ids: the texts tokenized, joined by EOS and cut into full rows
-    (no padding, so every position is a real token and a plain causal mask is right)."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    flat: list[int] = []
-    for text in texts:
-        flat += tokenizer(text)["input_ids"] + [eos]
-        if len(flat) >= max_tokens:
-            break
-    rows = min(len(flat), max_tokens) // seq_len
-    if rows < 2:
-        raise UserError(f"moefy reconstruction needs at least 2 x {seq_len} tokens of training text (got {len(flat)})")
-    return torch.tensor(flat[: rows * seq_len]).view(rows, seq_len)
-
-
-class Stream:
-    """Runs decoder layers one at a time on packed sequences (n, L): the residual stream h (n, L, H)
-    and the causal mask / rotary embeddings every layer needs."""
-
-    def __init__(self, model: Any, ids: torch.Tensor, chunk: int = 16):
-        self.chunk = chunk
-        length = ids.shape[1]
-        self.mask = torch.full((length, length), float("-inf")).triu(1)[None, None]  # (1, 1, L, L) additive
-        with torch.no_grad():
-            self.h = model.model.embed_tokens(ids).float()
-            self.rope = model.model.rotary_emb(self.h[:1], torch.arange(length)[None])
-
-    def _chunks(self, fn, h: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([fn(h[i : i + self.chunk]) for i in range(0, h.shape[0], self.chunk)])
-
-    def attention(self, layer: Any, h: torch.Tensor) -> torch.Tensor:
-        """h + self_attn(input_layernorm(h)): the residual before the FFN."""
-        def half(part):
-            out = layer.self_attn(hidden_states=layer.input_layernorm(part), position_embeddings=self.rope,
-                                  attention_mask=self.mask)[0]
-            return part + out
-        return self._chunks(half, h)
-
-    def layer(self, layer: Any, h: torch.Tensor) -> torch.Tensor:
-        return self._chunks(lambda part: layer(part, attention_mask=self.mask, position_embeddings=self.rope), h)
-
-
-@torch.no_grad()
-def routed_activations(block: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z (tokens, experts, moe_ffn): each chosen expert's act(gate) * up times its routing weight,
-    zeros elsewhere, so the block output is exactly z.flatten(1) @ cat(down_proj over experts).T;
-    and the (tokens, experts) mask of the chosen experts."""
-    experts = block.experts
-    _, weights, idx = block.gate(x)  # (tokens, top_k) each
-    z = torch.zeros(x.shape[0], experts.num_experts, experts.down_proj.shape[2])
-    for e in range(experts.num_experts):
-        tok, slot = (idx == e).nonzero(as_tuple=True)
-        gate, up = F.linear(x[tok], experts.gate_up_proj[e]).chunk(2, dim=-1)
-        z[tok, e] = experts.act_fn(gate) * up * weights[tok, slot, None]
-    return z, torch.zeros(z.shape[:2], dtype=torch.bool).scatter_(1, idx, True)
-
-
-@torch.no_grad()
-def refit_down(block: Any, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-2, chunk: int = 4096) -> None:
-    """Least-squares down_proj for the current routing: the block is linear in down_proj, so
-    min ||z D^T - y||^2 + lam ||D - D_now||^2 (lam = ridge * mean diag of z^T z) has a closed form:
-    one (E*I)^2 solve (SmolLM2: 1536 x 1536). The chosen experts learn to stand in for the unchosen
-    ones on average; an expert no token chose keeps its weights. z^T z is built one expert's block
-    row at a time from its own tokens (top-2 of 8: 1/4 of the tokens each), 8x cheaper than dense."""
-    n, hidden, inter = block.experts.down_proj.shape
-    gram, cross = torch.zeros(n * inter, n * inter, dtype=torch.float64), torch.zeros(n * inter, hidden, dtype=torch.float64)
-    for i in range(0, x.shape[0], chunk):
-        z, chosen = routed_activations(block, x[i : i + chunk])
-        for e in range(n):
-            ze = z[chosen[:, e]]  # (tokens of e, experts, inter)
-            rows = slice(e * inter, (e + 1) * inter)
-            gram[rows] += (ze[:, e].T @ ze.flatten(1)).double()
-            cross[rows] += (ze[:, e].T @ y[i : i + chunk][chosen[:, e]]).double()
-    now = block.experts.down_proj.permute(0, 2, 1).reshape(n * inter, hidden).double()  # rows: (expert, neuron)
-    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    down = torch.linalg.solve(gram + lam * torch.eye(n * inter, dtype=torch.float64), cross + lam * now)
-    block.experts.down_proj.copy_(down.float().view(n, inter, hidden).permute(0, 2, 1))  # (experts, hidden, inter)
-
-
-def train_block(block: Any, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, lr: float = 1e-4,
-                batch: int = 512, ridge: float | None = 1e-2) -> dict[str, float]:
-    """Fit one Mixtral block so block(x) ~ y: the least-squares down_proj (`refit_down`, skipped
-    when ridge is None), then Adam on experts and router (relative MSE, learning rate decaying
-    linearly to 0). x, y: (tokens, hidden); 10% of the tokens held out for the reported errors."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(x.shape[0], generator=gen)
-    n_held = max(1, x.shape[0] // 10)
-    held, train = perm[:n_held], perm[n_held:]
-    energy = y[train].pow(2).mean().clamp_min(1e-12)
-    params = [block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight]
-
-    def held_error() -> float:
-        with torch.no_grad():
-            return relative_error(block(x[held][None])[0], y[held])
-
-    result = {"block_before": held_error()}
-    if ridge is not None:
-        refit_down(block, x[train], y[train], ridge)
-        result["block_refit"] = held_error()
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(steps, 1))
-    with torch.enable_grad():
-        for _ in range(steps):
-            pick = train[torch.randint(0, train.shape[0], (min(batch, train.shape[0]),), generator=gen)]
-            loss = (block(x[pick][None])[0] - y[pick]).pow(2).mean() / energy
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    for p, flag in zip(params, saved):
-        p.requires_grad_(flag)
-    return {**result, "block_after": held_error()}
-
-
-def reconstruct_experts(dense: Any, mixtral: Any, ids: torch.Tensor, steps: int, seed: int, lr: float = 1e-4,
-                        target: Literal["ffn", "residual"] = "ffn", batch: int = 512,
-                        ridge: float | None = 1e-2) -> list[dict[str, float]]:
-    """Layer by layer, train each MoE block on the inputs the MoE itself produces (its earlier
-    layers already converted, so their errors are seen, not compounded blindly). Target `ffn`: the
-    dense FFN on those inputs; `residual`: what brings the MoE's residual stream back to the dense
-    model's after this layer (dense layer output on the dense stream minus the MoE's pre-FFN residual)."""
-    moe_stream, dense_stream = Stream(mixtral, ids), Stream(dense, ids)
-    h_moe, h_dense = moe_stream.h, dense_stream.h
-    rows = []
-    for i, (dense_layer, layer) in enumerate(zip(dense.model.layers, mixtral.model.layers)):
-        a = moe_stream.attention(layer, h_moe)  # (n, L, H)
-        with torch.no_grad():
-            x = layer.post_attention_layernorm(a).reshape(-1, a.shape[-1])  # (n * L, H)
-        if target == "residual":
-            h_dense = dense_stream.layer(dense_layer, h_dense)
-            y = (h_dense - a).reshape(-1, a.shape[-1])
-        else:
-            with torch.no_grad():
-                y = dense_layer.mlp(x)
-        rows.append(train_block(layer.mlp, x, y, steps, seed + i, lr, batch, ridge))
-        with torch.no_grad():
-            h_moe = a + layer.mlp(x.view_as(a))
-    return rows
