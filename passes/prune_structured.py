@@ -175,4 +175,4 @@ def _check(cfg: PruneStructured, info) -> list[str]:
 
 PASS = PassSpec(name="prune.structured", config=PruneStructured, run=run, takes=("torch",), gives="torch",
                 needs_data=lambda cfg: cfg.importance in ("taylor", "activation"), check=_check, kinds=ALL_KINDS,
-                summary="One-shot structured pruning of heads and FFN neurons (magnitude, Taylor, activation or random).")
+                summary="One-shot structured pruning of heads and FFN neurons (magnitude, Taylor, activation or random); CNNs by channels (Torch-Pruning).")
