@@ -4,7 +4,10 @@ MoE models are the ones that least fit on edge devices: all experts are stored a
 run per token. This pass runs calibration text through the model once (hooks on the MoE blocks,
 see passes/moe.py), scores the experts of every layer and keeps the same number in each layer
 (transformers' configs hold one expert count), then slices them out for real: the result reloads
-with the library's own classes and exports with export.onnx.
+with the library's own classes and exports with export.onnx. A global fraction with a per-layer
+floor (different counts per layer) is deliberately not offered: no MoE config of transformers
+(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3) can describe per-layer expert counts, so such a
+checkpoint would not reload with the library's own classes.
 
 Scoring (`method`):
 - `frequency`: share of calibration tokens routed to the expert.
