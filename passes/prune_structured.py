@@ -71,9 +71,9 @@ class PruneStructured(PassConfig):
     channels: float = Field(0.0, ge=0, lt=1, description=(
         "CNNs and other nets without a transformers config (Torch-Pruning): fraction of channels removed from every "
         "prunable layer group"))
-    round_to: int = Field(1, ge=1, le=128, description=(
-        "CNNs: kept channel counts are rounded DOWN to multiples of this (8 suits SIMD kernels, but a 16-channel layer "
-        "pruned by 10% then keeps 8)"))
+    round_to: int = Field(8, ge=1, le=128, description=(
+        "CNNs: kept channel counts are rounded UP to multiples of this (onnxruntime's CPU convolutions work in "
+        "blocks of 8 channels; odd widths can be slower than the unpruned net); 1 = no rounding"))
 
 
 def _taylor_scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, torch.Tensor]:

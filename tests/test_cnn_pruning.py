@@ -76,11 +76,11 @@ def test_pruned_widths_are_multiples_of_round_to_and_model_reloads(photos32, tmp
         tiny_net(), photos32, tmp_path / "o", **fast)
     model = result.state.model
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert widths == [16, 16, 16, 32]  # 32 * 0.6 = 19.2 -> 16; the classifier keeps its 10 outputs
+    assert widths == [24, 24, 24, 40]  # 32 - 12 = 20 -> 24, 64 - 25 = 39 -> 40 (rounded up); the classifier keeps 10
     assert model.fc.out_features == 10
 
     folder = tmp_path / "o" / "model"
-    assert json.loads((folder / "shapes.json").read_text())["layers"]["stem.0"]["out_channels"] == 16
+    assert json.loads((folder / "shapes.json").read_text())["layers"]["stem.0"]["out_channels"] == 24
     reloaded = images.load_module(folder, tiny_net(seed=1))  # another instance of the class, other weights
     x = torch.from_numpy(photos32.eval[:5])
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_cli_prunes_the_builtin_efficientnet_and_refuses_text_passes(tmp_path):
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
     assert report["kind"] == "image-classifier" and report["data"]["eval"] == 40
-    assert stages[1]["params"] < 0.9 * stages[0]["params"]  # 4,652,008 -> 3,892,329 (the classifier stays whole)
+    assert stages[1]["params"] < 0.9 * stages[0]["params"]  # 4.65M -> ~3.95M (the classifier stays whole)
     assert stages[2]["parity"][0]["ok"]
     reloaded = images.load_module(out / "stages" / "01-prune.structured" / "model")
     assert sum(p.numel() for p in reloaded.parameters()) == stages[1]["params"]
