@@ -10,6 +10,11 @@ trained on: compress/images.py); wall time of the pipeline. Each run's report is
 No ImageNet labels ship offline, so accuracy is measured as agreement with the unpruned model.
 
     python benchmarks/pruning_cnn.py [--ratios 0.1,0.25] [--kd-steps 60] [--kd-ratio 0.25] [--workdir /tmp/bench-cnn]
+
+Measured (2026-11-26, `--ratios 0.1,0.25 --kd-steps 100 --kd-ratio 0.1 --kd-lr 3e-4`, 2 threads; round_to 8):
+unpruned 7.66 ms; channels 0.1 (3,934,400 params) 1.05-1.07x, top-1 agreement magnitude 0.000 / taylor
+0.600 / random 0.000; channels 0.25 (2,908,504) 1.29-1.32x, agreement 0 for all three; taylor 0.1 + 100
+KD steps 0.675 (KL 0.413 -> 0.385, 154 s). Table and reading in README "Pruning a CNN".
 """
 from __future__ import annotations
 
