@@ -109,7 +109,7 @@ def _export_image(model, feeds: list[dict], path, cfg: ExportOnnx) -> None:
                               output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
         return
     prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=max(cfg.opset, 18), input_names=["pixel_values"],
-                             output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+                             output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))  # positional: any arg name
     prog.save(str(path), external_data=False)
 
 

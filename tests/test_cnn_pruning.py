@@ -173,3 +173,17 @@ def test_matching_views_are_seeded_random_views_of_the_batch(photos32):
 
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.allclose(a, x) and a.abs().max() <= x.abs().max() + 1e-5  # mixes of crops: no new extremes
+
+
+class InputsNet(TinyNet):
+    def forward(self, inputs):  # EfficientNet's argument name: dynamic shapes must not assume `x`
+        return super().forward(inputs)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_image_export_with_either_exporter_matches_torch_on_other_batch_sizes(exporter, photos32, tmp_path, fast):
+    torch.manual_seed(0)
+    net = InputsNet().eval()
+    result = Pipeline([{"pass": "export.onnx", "exporter": exporter}]).run(net, photos32, tmp_path / "o", **fast)
+
+    assert all(row["ok"] for row in result.report["stages"][1]["parity"])  # batches of 2 and 3
