@@ -24,7 +24,7 @@ def plain_ort_int8(model_dir: Path, work: Path) -> Path:
     from onnxruntime.transformers.optimizer import optimize_model
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager", trust_remote_code=False).eval()
 
     class Wrapper(torch.nn.Module):
         def __init__(self):

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-llm-"))
     work.mkdir(parents=True, exist_ok=True)
     paths = build(work, args.threads, args.reuse)
-    tok = AutoTokenizer.from_pretrained(work / "int4")
+    tok = AutoTokenizer.from_pretrained(work / "int4", trust_remote_code=False)
     ids = profiling.prompt_ids(tok, data.load("wiki").eval, args.prompt_tokens)  # real held-out text
     fast = speed(paths, ids, args.threads, args.new_tokens, args.rounds)
     ppl = perplexities(paths, tok, args.threads, args.ppl_paragraphs, args.wiki_samples)

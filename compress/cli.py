@@ -43,8 +43,24 @@ def friendly(fn: Callable) -> Callable:
             console.print(f"[bold red]failed:[/bold red] {escape(str(exc))}", highlight=False)
             console.print("finished stages are kept; fix the problem and rerun with --resume to continue from there")
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print(f"[bold red]interrupted[/bold red]{escape(_resume_hint(kwargs.get('outdir')))}", highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _resume_hint(outdir: Optional[Path]) -> str:
+    """After Ctrl-C in a run: where the finished stages are and how to continue."""
+    if outdir is None:
+        return ""
+    from compress.outputs import work_dir
+
+    work = work_dir(Path(outdir))
+    if not (work / "stages").is_dir():
+        return f": nothing was written to '{outdir}'"
+    return (f": the finished stages are kept in '{work}'; rerun the same command with --resume to continue "
+            "from the last finished pass")
 
 
 def quiet_libraries() -> None:
@@ -77,7 +93,7 @@ def run(
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (instead of --pass)"),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="text file (one sample per line), .jsonl with a 'text' field, or built-in corpus: wiki, lee; image models: a folder of images or the built-in photos (default)"),
     outdir: Path = typer.Option(..., "--output", "-o", help="output directory (must not exist unless --overwrite)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory that compress wrote (never any other folder)"),
     resume: bool = typer.Option(False, "--resume", help="reuse the stages finished by an earlier interrupted run"),
     max_length: int = typer.Option(128, "--max-length", min=8, max=8192, help="tokens per evaluation sample"),
     no_tasks: bool = typer.Option(False, "--no-tasks", help="skip the task metrics (Lee-50, polarity)"),
@@ -137,12 +153,13 @@ def list_passes(as_json: bool = typer.Option(False, "--json", help="machine-read
 def validate(
     recipe_file: Path = typer.Argument(..., help="YAML recipe to check"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="check against this model instead of the recipe's"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the model folder"),
 ) -> None:
     """Check a recipe without running it: pass names, parameters, form order, model support."""
     from compress.pipeline import Pipeline
 
     pipe = Pipeline.from_recipe(recipe_file)
-    info = pipe.validate(model)
+    info = pipe.validate(model, trust_remote_code=trust_remote_code)
     console.print(f"[green]ok[/green]: {recipe_file}: {len(pipe.configs)} passes, valid for a {info.kind} "
                   f"({info.architecture or info.form}) model")
 
@@ -203,7 +220,7 @@ def decode(
     model: Path = typer.Argument(..., help=".riq file written by export.riq"),
     outdir: Path = typer.Option(..., "--output", "-o", help="output directory (must not exist unless --overwrite)"),
     weights: str = typer.Option("float", "--weights", help="float: float32 weights; int8: codes that fit stay int8 behind DequantizeLinear (onnx only)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory that compress wrote (never any other folder)"),
 ) -> None:
     """Rebuild a runnable model (ONNX file, or transformers folder) from a .riq file, bit-exact."""
     from compress.errors import UserError

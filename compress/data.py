@@ -5,7 +5,12 @@ shipped inside the `gensim` wheel (no download):
   - `wiki`: paragraphs of the shortened English Wikipedia dump (default),
   - `lee`: the 300 news paragraphs of lee_background.cor.
 Samples are de-duplicated, then split by a seeded shuffle into a train/calibration part and a
-held-out evaluation part, so the two never share a sample."""
+held-out evaluation part, so the two never share a sample.
+
+A user file must be UTF-8 text of at most MAX_DATA_BYTES (2 GiB: every sample is kept in memory,
+and calibration or distillation needs thousands of samples, not billions); a binary file (NUL
+bytes), other encodings and JSONL rows whose text is not a string are refused with the file, the
+line and the fix, never read with replacement characters."""
 from __future__ import annotations
 
 import bz2
@@ -16,14 +21,18 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
-from compress.errors import DataError
+from compress.errors import DataError, clip, short
 
 BUILTIN = {
     "wiki": "paragraphs of the shortened English Wikipedia dump in gensim's test data",
     "lee": "the 300 news paragraphs of gensim's lee_background.cor",
 }
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+MAX_DATA_BYTES = 2 * 1024**3
+SNIFF_BYTES = 8192  # a NUL in the first 8 KiB means binary (git's rule), before any decoding error is reported
+MAX_LINE_PROBLEMS = 5  # a JSONL file with a wrong field on every line: the first few say enough
 
 
 @dataclass(frozen=True)
@@ -77,22 +86,106 @@ def lee_background() -> list[str]:
     return [ln.strip() for ln in lines if ln.strip()]
 
 
-def read_text_file(path: Path, text_field: str = "text") -> list[str]:
+def _check_file(path: Path) -> None:
+    kinds = f"a UTF-8 text file (one sample per line), a .jsonl file, or one of {sorted(BUILTIN)}"
+    if path.is_dir():
+        raise DataError(f"data '{path}' is a folder: text models take {kinds}")
     if not path.is_file():
         raise DataError(f"data file not found: {path} (give a text file, a .jsonl file, or one of {sorted(BUILTIN)})")
-    raw = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(raw, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(str(json.loads(line)[text_field]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DataError(f"{path}:{i}: expected a JSON object with a '{text_field}' field ({exc})") from None
-    else:
-        texts = [ln.strip() for ln in raw if ln.strip()]
+    size = path.stat().st_size
+    if size > MAX_DATA_BYTES:
+        raise DataError(f"data file {path} is {_human(size)}, over the {_human(MAX_DATA_BYTES)} limit (all samples are "
+                        "held in memory): take a sample of it, e.g. `shuf -n 100000 FILE > sample.txt`")
+
+
+def _human(size: int) -> str:
+    for unit, n in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= n:
+            return f"{size / n:.1f}".rstrip("0").rstrip(".") + f" {unit}"
+    return f"{size} bytes"
+
+
+def _utf8_name(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.utf8{path.suffix}")
+
+
+def _binary(path: Path, offset: int) -> str:
+    return (f"data file {path} is not text: NUL byte at offset {offset} (an image, model weights, an archive?); "
+            "give a UTF-8 text file with one sample per line, or a .jsonl file")
+
+
+def _not_text(path: Path, head: bytes) -> str | None:
+    """Why `head`, the start of the file, is not UTF-8 text; None if it may be."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark: Windows "Unicode" text
+        return (f"data file {path} is UTF-16 text: convert it to UTF-8, "
+                f"e.g. `iconv -f utf-16 -t utf-8 {path} > {_utf8_name(path)}`")
+    nul = head.find(b"\0")
+    return _binary(path, nul) if nul >= 0 else None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded strictly as UTF-8, read one line at a time."""
+    fix = f"convert the file to UTF-8, e.g. from Latin-1: `iconv -f latin1 -t utf-8 {path} > {_utf8_name(path)}`"
+    try:
+        with path.open("rb") as fh:
+            why = _not_text(path, fh.read(SNIFF_BYTES))
+            if why:
+                raise DataError(why)
+            fh.seek(0)
+            offset = 0
+            for number, raw in enumerate(fh, 1):
+                if b"\0" in raw:
+                    raise DataError(_binary(path, offset + raw.index(b"\0")))
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not text
+                    raw, offset = raw[3:], 3
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                                    f"{offset + exc.start}): {fix}") from None
+                offset += len(raw)
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+
+
+def _json_kind(value: object) -> str:
+    kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _jsonl_texts(path: Path, lines: Iterator[tuple[int, str]], text_field: str) -> list[str]:
+    """The `text_field` string of each row; the first few bad rows are all named in one DataError."""
+    texts, problems = [], []
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of > 4300 digits, deep nesting
+            problems.append(f"{path}:{number}: not valid JSON ({clip(exc, 120)})")
+        else:
+            if not isinstance(row, dict) or text_field not in row:
+                got = f"an object with keys {short(list(row), 60)}" if isinstance(row, dict) else _json_kind(row)
+                problems.append(f"{path}:{number}: expected a JSON object with a '{text_field}' field (got {got})")
+            elif not isinstance(row[text_field], str):
+                problems.append(f"{path}:{number}: '{text_field}' is {_json_kind(row[text_field])}, expected a string")
+            else:
+                texts.append(row[text_field])
+        if len(problems) == MAX_LINE_PROBLEMS:
+            problems.append(f"(stopped after {MAX_LINE_PROBLEMS} problems)")
+            break
+    if problems:
+        raise DataError("\n  ".join(problems) + f'\n  every line must be a JSON object like {{"{text_field}": "a sample"}}')
     return texts
+
+
+def read_text_file(path: Path, text_field: str = "text") -> list[str]:
+    _check_file(path)
+    lines = _lines(path)
+    if path.suffix == ".jsonl":
+        return _jsonl_texts(path, lines, text_field)
+    return [part.strip() for _, line in lines for part in line.splitlines() if part.strip()]
 
 
 def split(texts: list[str], source: str, eval_fraction: float = 0.2, max_eval: int = 128, seed: int = 0) -> TextData:

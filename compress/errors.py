@@ -2,6 +2,8 @@
 the CLI prints its message and exits with code 2, never a traceback."""
 from __future__ import annotations
 
+import reprlib
+
 
 class UserError(Exception):
     """A problem in the user's input; the message names it and says how to fix it."""
@@ -32,9 +34,9 @@ class OutputExistsError(UserError):
 class PassFailed(Exception):
     """A pass raised while running; names the pass so the user knows where it stopped."""
 
-    def __init__(self, index: int, name: str, cause: BaseException):
+    def __init__(self, index: int, name: str, cause: BaseException, during: str = ""):
         self.index, self.name, self.cause = index, name, cause
-        super().__init__(f"pass {index} '{name}' failed: {type(cause).__name__}: {cause}")
+        super().__init__(f"pass {index} '{name}' failed{during}: {type(cause).__name__}: {clip(str(cause), 2000)}")
 
 
 class OutputMatchError(Exception):
@@ -50,3 +52,35 @@ class OutputMatchError(Exception):
                 f"(tolerance {r['atol']:.3g}), cosine={r['cosine']:.6f} (min {r['min_cosine']})"
             )
         super().__init__("\n".join(lines))
+
+
+def short(value: object, limit: int = 80) -> str:
+    """The repr of a user value for a message, at most `limit` characters, in bounded work.
+
+    A plain repr() is not safe on hostile input: a structure built from shared references (YAML
+    aliases nested a few levels) prints as gigabytes, and an int of more than 4300 digits raises.
+    reprlib stops at a few levels and a few items per container, so the work is small whatever
+    the value."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a value we cannot print is named by its type instead
+        digits = f" of about {int(value.bit_length() * 0.30103)} digits" if isinstance(value, int) else ""
+        text = f"<{type(value).__name__}{digits}>"
+    return text if len(text) <= limit else text[: max(limit - 3, 1)] + "..."
+
+
+def _bounded_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel = 3
+    r.maxtuple = r.maxlist = r.maxarray = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = 6
+    r.maxstring = r.maxother = r.maxlong = 60
+    return r
+
+
+_REPR = _bounded_repr()
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """A message text (a library's error, a line of a file) cut to `limit` characters."""
+    text = str(text)
+    return text if len(text) <= limit else text[: max(limit - 3, 1)] + "..."

@@ -249,6 +249,12 @@ def load_module(folder: Path, model: Any = None) -> Any:
         for attr in _width_attrs(m):
             setattr(m, attr, tuple(spec[attr]) if isinstance(spec[attr], list) else spec[attr])
     state = load_file(str(folder / "model.safetensors"))
+    expected = set(model.state_dict())
+    if expected != set(state):  # named here, before a layer lookup or the strict load fails on the first one
+        from compress.models import check_weights_fit  # (compress.models imports this module)
+
+        check_weights_fit(f"'{folder / 'model.safetensors'}'", sorted(expected - set(state)), sorted(set(state) - expected),
+                          against=f"its shapes.json ({type(model).__name__})")
     for key, value in state.items():  # parameters / buffers take the saved shapes before a strict load
         owner, _, attr = key.rpartition(".")
         m = modules[owner] if owner else model

@@ -21,11 +21,13 @@ class ModelInfo:
     kind: str
     architecture: str
     path: Path | None
+    trust_remote_code: bool = False  # the user allowed the folder's own code: later reads (pass checks) may too
 
 
-def describe(spec: Any) -> ModelInfo:
+def describe(spec: Any, trust_remote_code: bool = False) -> ModelInfo:
     """A module without a transformers config, a built-in image alias, or a folder compress wrote
-    for a CNN (shapes.json) is an image classifier (compress/images.py)."""
+    for a CNN (shapes.json) is an image classifier (compress/images.py). A folder with its own
+    Python code (auto_map) is refused here, before any work, unless `trust_remote_code`."""
     if _is_module(spec):
         cfg = getattr(spec, "config", None)
         arch = type(spec).__name__
@@ -53,9 +55,9 @@ def describe(spec: Any) -> ModelInfo:
             raise ModelLoadError(f"'{path}' has KV cache inputs ({runtime.PAST_PREFIX}*) but no (batch, sequence, "
                                  "vocab) logits as its first output; export the model with compress's export.onnx")
         return ModelInfo(form, kind, "", path)
-    cfg = models.read_hf_config(path)
+    cfg = models.read_hf_config(path, trust_remote_code)
     archs = getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "")]
-    return ModelInfo("torch", models.kind_of(cfg), archs[0], path)
+    return ModelInfo("torch", models.kind_of(cfg), archs[0], path, trust_remote_code)
 
 
 def _is_module(obj: Any) -> bool:
@@ -74,12 +76,15 @@ def _require(tokenizer: Any, where: Any) -> Any:
 
 
 def load(spec: Any, info: ModelInfo, data: Any, tokenizer: Any = None, trust_remote_code: bool = False) -> ModelState:
-    """The input becomes the teacher, untouched; the state's model is a copy passes may change."""
+    """The input becomes the teacher, untouched; the state's model is a copy passes may change.
+    `trust_remote_code` is kept in the state's meta: a resumed run reloads stage folders that
+    save_pretrained wrote with the same custom code."""
     source = type(spec).__name__ if _is_module(spec) else str(spec if spec is not None else models.DEFAULT_MODEL)
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = models.load_tokenizer(Path(tokenizer))
+        tokenizer = models.load_tokenizer(Path(tokenizer), trust_remote_code)
     if info.form != "torch":
-        tok = None if info.kind == images.KIND else _require(tokenizer or models.find_tokenizer(info.path), info.path)
+        tok = None if info.kind == images.KIND else _require(
+            tokenizer or models.find_tokenizer(info.path, trust_remote_code), info.path)
         return ModelState(source=source, kind=info.kind, form=info.form, path=info.path, tokenizer=tok,
                           teacher=info.path, data=data, architecture=info.architecture)
     if info.kind == images.KIND:
@@ -95,4 +100,5 @@ def load(spec: Any, info: ModelInfo, data: Any, tokenizer: Any = None, trust_rem
         teacher, tok, _ = models.load_hf(info.path, trust_remote_code)
         tok, pooling = _require(tokenizer or tok, info.path), runtime.pooling_of(info.path)
     return ModelState(source=source, kind=info.kind, form="torch", model=copy.deepcopy(teacher), tokenizer=tok,
-                      teacher=teacher, data=data, architecture=info.architecture, meta={"pooling": pooling})
+                      teacher=teacher, data=data, architecture=info.architecture,
+                      meta={"pooling": pooling, "trust_remote_code": trust_remote_code})

@@ -1,8 +1,10 @@
 """Loading the input model: a built-in alias, a transformers folder, or an `.onnx` file.
 
 No hub access: a name that is neither an alias nor an existing path is an error. Weights load
-through transformers' safe paths (safetensors, or torch.load with weights_only=True), and
-`trust_remote_code` stays off unless the user asks for it."""
+through transformers' safe paths (safetensors, or torch.load with weights_only=True) and must fit
+the config exactly (no weight left randomly initialised). A folder with its own Python code
+(auto_map) is refused by us before transformers sees it unless the user passes trust_remote_code,
+which every config, tokenizer and model load gets explicitly, so transformers never prompts."""
 from __future__ import annotations
 
 import json
@@ -76,14 +78,48 @@ def gguf_file(folder: Path) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def read_hf_config(folder: Path) -> Any:
+CODE_CONFIGS = ("config.json", "tokenizer_config.json")  # where transformers finds a folder's own classes
+
+
+def custom_code(folder: Path) -> dict[str, list[str]]:
+    """{config file: the classes its auto_map names} for a folder whose model or tokenizer ships its
+    own Python. Read as plain JSON, so no transformers code path (nor its interactive "trust remote
+    code?" prompt, which `yes |` answers) is reached before we decide."""
+    found = {}
+    for name in CODE_CONFIGS:
+        try:
+            doc = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent, or unreadable: the loader that reads it reports that
+        auto_map = doc.get("auto_map") if isinstance(doc, dict) else None
+        if auto_map:
+            values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            flat = [c for v in values for c in (v if isinstance(v, (list, tuple)) else [v]) if c]
+            found[name] = sorted(set(map(str, flat)))
+    return found
+
+
+def refuse_custom_code(folder: Path, trust_remote_code: bool) -> None:
+    """Every config, tokenizer and model load of a folder goes through here first."""
+    if trust_remote_code or not folder.is_dir():
+        return
+    found = custom_code(folder)
+    if found:
+        where = "; ".join(f"auto_map in {name}: {', '.join(classes)}" for name, classes in found.items())
+        raise ModelLoadError(f"'{folder}' needs its own Python code ({where}); compress does not run a model "
+                             "folder's code unless you pass --trust-remote-code (Python: trust_remote_code=True)")
+
+
+def read_hf_config(folder: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
+    refuse_custom_code(folder, trust_remote_code)
     cfg_file = folder / "config.json"
     gguf = gguf_file(folder)
     if gguf:
         try:
-            return AutoConfig.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+            return AutoConfig.from_pretrained(folder, gguf_file=gguf, local_files_only=True,
+                                              trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot read the GGUF file {folder / gguf}: {exc} (is the gguf package installed?)") from None
     if not cfg_file.is_file():
@@ -93,7 +129,7 @@ def read_hf_config(folder: Path) -> Any:
         )
     try:
         json.loads(cfg_file.read_text())
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         raise ModelLoadError(f"cannot read {cfg_file}: {exc}") from None
 
@@ -102,25 +138,85 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
     """Returns (model in eval mode, tokenizer or None, kind)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = read_hf_config(folder)
+    config = read_hf_config(folder, trust_remote_code)
     kind = kind_of(config)
     auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}.get(kind, AutoModel)
-    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not weights:
         raise ModelLoadError(f"'{folder}' has a config.json but no weights (*.safetensors / *.bin)")
-    # Eager attention: ORT's transformer optimizer fuses Attention only for eager exports (STACK.md).
     try:
         if _has_pruned_bert_heads(config):
-            model = _load_pruned_bert(auto, folder, config)
+            model = _load_pruned_bert(auto, folder, config, trust_remote_code)
         else:
-            extra = {"gguf_file": gguf_file(folder)} if gguf_file(folder) else {}
-            model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
-                                         trust_remote_code=trust_remote_code, **extra)
-            if extra:
-                _forget_gguf_quantizer(model)
+            model = _from_pretrained(auto, folder, weights, trust_remote_code)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - corrupt/truncated weights, unknown architecture
         raise ModelLoadError(f"cannot load the model in '{folder}': {type(exc).__name__}: {exc}") from None
-    return model.eval(), tokenizer_in(folder), kind
+    return model.eval(), tokenizer_in(folder, trust_remote_code), kind
+
+
+def _from_pretrained(auto: Any, folder: Path, weights: list[Path], trust_remote_code: bool) -> Any:
+    """Eager attention: ORT's transformer optimizer fuses Attention only for eager exports (STACK.md).
+    weights_only: a .bin checkpoint is unpickled without running code (transformers' default, kept)."""
+    gguf = gguf_file(folder)
+    if gguf:  # dequantized on load: no loading info to check against (the file holds what it holds)
+        model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
+                                     trust_remote_code=trust_remote_code, gguf_file=gguf)
+        _forget_gguf_quantizer(model)
+        return model
+    model, info = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
+                                       trust_remote_code=trust_remote_code, weights_only=True,
+                                       output_loading_info=True)
+    # transformers already leaves out tied weights and unsaved buffers (position_ids)
+    missing, unexpected = _in_model_order(model, info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted(str(k[0] if isinstance(k, (list, tuple)) else k) for k in info.get("mismatched_keys", ()))
+    if _drop_unsaved_pooler(model, missing):
+        missing = []
+    check_weights_fit(_weights_label(folder, weights), missing, unexpected, mismatched, info.get("error_msgs") or [])
+    return model
+
+
+def _in_model_order(model: Any, keys: Any) -> list[str]:
+    """So the first names in a message are the first layer's, in the order the model defines them."""
+    order = {k: i for i, k in enumerate(model.state_dict())}
+    return sorted(keys, key=lambda k: (order.get(k, len(order)), k))
+
+
+def _weights_label(folder: Path, files: list[Path]) -> str:
+    return f"'{folder / files[0].name}'" if len(files) == 1 else f"'{folder}' ({len(files)} weight files)"
+
+
+def check_weights_fit(label: str, missing: list[str], unexpected: list[str], mismatched: list[str] = (),
+                      errors: list[str] = (), against: str = "its config.json") -> None:
+    """Missing weights would be left randomly initialised: the input (and so the teacher every stage
+    is compared with) would be a broken model that still reports fidelity 1.0."""
+    if not (missing or unexpected or mismatched or errors):
+        return
+    parts = [_some(missing, "missing"), _some(unexpected, "unexpected")]
+    parts += [_some(mismatched, "of another shape")] if mismatched else []
+    parts += [f"errors: {'; '.join(map(str, errors[:2]))}"] if errors else []
+    raise ModelLoadError(f"{label} does not fit {against}: {', '.join(parts)}; "
+                         "the checkpoint is incomplete or belongs to another model")
+
+
+def _some(keys: list[str], what: str) -> str:
+    if not keys:
+        return f"0 {what}"
+    more = ", ..." if len(keys) > 3 else ""
+    return f"{len(keys)} weight{'s' if len(keys) != 1 else ''} {what} ({', '.join(keys[:3])}{more})"
+
+
+def _drop_unsaved_pooler(model: Any, missing: list[str]) -> bool:
+    """A bare encoder saved without its pooler (sentence-transformers, add_pooling_layer=False): compress
+    pools the hidden states itself, so the random pooler is removed rather than kept. A classifier's
+    pooler feeds its head: missing there, it is a missing weight."""
+    if not missing or model.base_model is not model or getattr(model, "pooler", None) is None:
+        return False
+    if not all(k.startswith("pooler.") for k in missing):
+        return False
+    model.pooler = None
+    return True
 
 
 def check_onnx(path: Path) -> None:
@@ -145,17 +241,17 @@ def check_onnx(path: Path) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 
-def tokenizer_in(folder: Path) -> Any:
+def tokenizer_in(folder: Path, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved in `folder` (or in its GGUF file), or None when it has none (transformers
     would otherwise build an empty one that maps every word to [UNK])."""
     if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not gguf_file(folder):
         return None
-    return load_tokenizer(folder)
+    return load_tokenizer(folder, trust_remote_code)
 
 
-def find_tokenizer(path: Path) -> Any:
+def find_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     """Tokenizer files next to an ONNX file (as our exports write them), else None."""
-    return tokenizer_in(path.parent)
+    return tokenizer_in(path.parent, trust_remote_code)
 
 
 def onnx_signature(path: Path) -> tuple[str, list[str]]:
@@ -172,13 +268,14 @@ def onnx_signature(path: Path) -> tuple[str, list[str]]:
     return ("causal-lm" if len(sess.get_outputs()[0].shape) == 3 else "classifier"), inputs
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     folder = resolve(str(folder))
+    refuse_custom_code(folder, trust_remote_code)
     extra = {"gguf_file": gguf_file(folder)} if folder.is_dir() and gguf_file(folder) else {}
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code, **extra)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a tokenizer from '{folder}': {exc}") from None
     if tok.pad_token is None and tok.eos_token is not None:
@@ -202,7 +299,7 @@ def _has_pruned_bert_heads(config: Any) -> bool:
     return bool(size) and config.num_attention_heads * size != config.hidden_size
 
 
-def _load_pruned_bert(auto: Any, folder: Path, config: Any) -> Any:
+def _load_pruned_bert(auto: Any, folder: Path, config: Any, trust_remote_code: bool = False) -> Any:
     """BERT computes its head size as hidden_size / num_attention_heads, so a BERT whose heads were
     pruned (config: fewer heads, plus `attention_head_size`) can't be rebuilt by from_pretrained
     alone: build it at full width, narrow every attention to the saved shapes, load the weights."""
@@ -213,7 +310,7 @@ def _load_pruned_bert(auto: Any, folder: Path, config: Any) -> Any:
 
     full = copy.deepcopy(config)
     full.num_attention_heads = config.hidden_size // config.attention_head_size
-    model = auto.from_config(full, attn_implementation="eager")
+    model = auto.from_config(full, attn_implementation="eager", trust_remote_code=trust_remote_code)
     width = config.num_attention_heads * config.attention_head_size
     for module in model.modules():
         inner = getattr(module, "self", None)
@@ -229,10 +326,8 @@ def _load_pruned_bert(auto: Any, folder: Path, config: Any) -> Any:
         raise ModelLoadError(f"'{folder}': a head-pruned BERT must be saved as safetensors")
     state = {k: v for f in files for k, v in load_file(str(f)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing and all(k.split(".")[-3] == "pooler" for k in missing) and hasattr(model.base_model, "pooler"):
-        model.base_model.pooler, missing = None, []  # saved without a pooler (add_pooling_layer=False)
-    if missing or unexpected:
-        raise ModelLoadError(f"'{folder}': weights do not fit the pruned config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+    missing = _in_model_order(model, [k for k in missing if not k.endswith("position_ids")])  # a buffer, not a weight
+    if _drop_unsaved_pooler(model, missing):
+        missing = []
+    check_weights_fit(_weights_label(folder, files), missing, sorted(unexpected))
     return model

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from compress import data as data_mod
-from compress import images, loading, recipe, registry, report, stages
+from compress import images, loading, outputs, recipe, registry, report, stages
 from compress.config import PassConfig
-from compress.errors import ConfigError, OutputExistsError, PassFailed, UserError
+from compress.errors import ConfigError, PassFailed, UserError
 from compress.measure import MEASURE_STEPS, Reference, measure
 from compress.profiling import LatencySettings
 from compress.state import ModelState
@@ -81,6 +80,7 @@ class Pipeline:
         with the problems found against the model (so a recipe check lists everything at once)."""
         entries, self.problems = recipe.collect(list(passes))
         self.source = source
+        self.recipe_path: Path | None = None  # an input too: the output may not hold it
         if self.problems and not defer_errors:
             raise ConfigError(self.problems, source)
         self.entries = entries
@@ -92,12 +92,12 @@ class Pipeline:
     def from_recipe(cls, path: str | Path) -> "Pipeline":
         doc = recipe.read_recipe(path)
         pipe = cls(doc["passes"], defer_errors=True, source=str(path))
-        pipe.model, pipe.data = doc["model"], doc["data"]
+        pipe.model, pipe.data, pipe.recipe_path = doc["model"], doc["data"], Path(path)
         return pipe
 
-    def validate(self, model: Any = None, has_data: bool = True) -> loading.ModelInfo:
+    def validate(self, model: Any = None, has_data: bool = True, trust_remote_code: bool = False) -> loading.ModelInfo:
         """Check everything that can be checked before work starts; raise one ConfigError."""
-        info = loading.describe(model if model is not None else self.model)
+        info = loading.describe(model if model is not None else self.model, trust_remote_code)
         problems = self.problems + _problems_for_chain(self.entries, info, has_data)
         if problems:
             raise ConfigError(problems, self.source)
@@ -114,12 +114,12 @@ class Pipeline:
             tokenizer: Any = None, trust_remote_code: bool = False, console: Console | None = None) -> Result:
         console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 160)
         outdir = Path(outdir)
-        if outdir.exists() and not overwrite:
-            raise OutputExistsError(f"output directory '{outdir}' already exists: choose another -o, or pass --overwrite")
+        work = outputs.work_dir(outdir)
+        outputs.claim(outdir, [], overwrite, work=work)  # fast refusals before the model is read
         model = model if model is not None else self.model
         data_spec = data if data is not None else self.data
-        info = self.validate(model)
-        stages.check_outdir(outdir, [info.path, data_spec, self.source])
+        info = self.validate(model, trust_remote_code=trust_remote_code)
+        outputs.claim(outdir, [*stages.input_files(info), data_spec, self.recipe_path, tokenizer], overwrite, work=work)
         if info.kind == images.KIND:
             text = images.load(data_spec or "photos", size=images.input_size(info.path))
         else:
@@ -127,16 +127,16 @@ class Pipeline:
         settings = latency or self.latency_settings()
         with console.status(f"loading {model if model is not None else 'minilm'}"):
             state = loading.load(model, info, text, tokenizer, trust_remote_code)
-        work = outdir.parent / f".{outdir.name}.partial"  # nothing is written before this point
-        if work.exists() and not resume:
-            shutil.rmtree(work)
+        if not resume:  # nothing is written before this point
+            outputs.clear(work)
+        outputs.mark(work, "run")
         (work / "stages").mkdir(parents=True, exist_ok=True)
         key = _hash({"input": stages.identity(model, info), "data": text.fingerprint(), "max_length": max_length,
                      "latency": settings.as_dict(), "tasks": tasks, "tokenizer": str(tokenizer),
                      "trust_remote_code": trust_remote_code})
         state = self._run_stages(state, key, work, settings, max_length, tasks, console, resume)
         rep = self._finish(state, work, settings, data_spec)
-        stages.publish(work, outdir, overwrite)
+        outputs.publish(work, outdir)
         console.print(report.summary_table(rep))
         console.print(f"[green]done[/green]: {outdir}/ ({rep['final']['path']}, report.md, report.json, report.png)")
         return Result(outdir, rep, state)
@@ -162,7 +162,12 @@ class Pipeline:
                 state = _run_one(state, cfg, ctx)
             seconds = time.perf_counter() - t0
             ref = ref or Reference.build(state, max_length)
-            rec = _measure_or_inherit(state, cfg, ref, max_length, settings, tasks, console, f"stage {index} ({name})")
+            try:
+                rec = _measure_or_inherit(state, cfg, ref, max_length, settings, tasks, console, f"stage {index} ({name})")
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a graph the pass wrote that does not run: name the stage
+                raise PassFailed(index, name, exc, during=" when its output was measured") from exc
             rec = {"index": index, "name": name, "config": cfg.to_dict() if cfg else None, **rec,
                    "seconds": round(seconds, 3), **ctx.notes}
             state = stages.save(state.with_record(rec), sdir, key)

@@ -1,8 +1,7 @@
 """Stage folders: saving a finished pass's state so a later run can resume from it, writing the
-final model, and publishing the run directory atomically."""
+final model (outputs.py publishes the run directory)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -10,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from compress import images, models
-from compress.errors import UserError
 from compress.profiling import external_files
 from compress.state import ModelState
 
@@ -30,17 +28,11 @@ def identity(spec: Any, info: Any) -> dict:
     return {"path": str(info.path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
-def check_outdir(outdir: Path, inputs: list) -> None:
-    """OUTDIR may be replaced whole (--overwrite): it must not be, or hold, an input or the cwd."""
-    out = outdir.resolve()
-    if not outdir.name or out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
-        raise UserError(f"output directory '{outdir}' is the current directory or above it: choose a new folder")
-    for item in inputs:
-        if item is None or not isinstance(item, (str, Path)) or not Path(item).exists():
-            continue
-        p = Path(item).resolve()
-        if p == out or out in p.parents:
-            raise UserError(f"output directory '{outdir}' holds the input '{item}': choose a folder outside it")
+def input_files(info: Any) -> list[Path]:
+    """The input model's files (an ONNX file with its external data, or its folder): no output may hold them."""
+    if info.path is None:
+        return []
+    return [info.path, *external_files(info.path)] if info.path.is_file() else [info.path]
 
 
 def prepare(sdir: Path, key: str, keep: bool) -> None:
@@ -106,7 +98,7 @@ def load_cached(sdir: Path, key: str, state: ModelState) -> ModelState | None:
                 return None  # a caller's own CNN class can't be rebuilt here: the pass runs again
             model = images.load_module(sdir / "model")
         else:
-            model, _, _ = models.load_hf(sdir / "model")  # local folder, safetensors
+            model, _, _ = models.load_hf(sdir / "model", state.meta.get("trust_remote_code", False))  # saved by us, same code
         new = replace(state, form="torch", model=model, path=None, meta=meta)
     else:
         loc = doc["path"]
@@ -114,7 +106,7 @@ def load_cached(sdir: Path, key: str, state: ModelState) -> ModelState | None:
         if (sdir / "config.json").is_file():
             from transformers import AutoConfig
 
-            meta["hf_config"] = AutoConfig.from_pretrained(sdir)
+            meta["hf_config"] = AutoConfig.from_pretrained(sdir, trust_remote_code=state.meta.get("trust_remote_code", False))
         new = replace(state, form=doc["form"], model=None, path=path, meta=meta)
     return new.with_record(rec)
 
@@ -148,17 +140,6 @@ def write_final(state: ModelState, work: Path) -> str:
     if state.tokenizer is not None:  # so `compress run OUT/model.onnx` and users find the tokenizer
         state.tokenizer.save_pretrained(work)
     return name
-
-
-def publish(work: Path, outdir: Path, overwrite: bool) -> None:
-    """Rename the finished run directory into place; an old OUTDIR is removed only after."""
-    old = None
-    if outdir.exists():
-        old = outdir.parent / f".{outdir.name}.old-{hashlib.sha1(str(work).encode()).hexdigest()[:6]}"
-        outdir.rename(old)
-    work.rename(outdir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def one_line(rec: dict) -> str:

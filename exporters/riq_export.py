@@ -15,12 +15,18 @@ Decoding (`compress decode MODEL.riq -o OUT`, or `decode()` here) gives:
   int8 at run time; it computes in int8, so outputs differ slightly from the float decode);
 - a transformers folder (config.json + model.safetensors) for a model quantized in the torch form,
   or a bare model.safetensors state dict for any other torch module (`module_container`).
-On a device, `riq_format.decode_weights(path)` needs only numpy and constriction."""
+On a device, `riq_format.decode_weights(path)` needs only numpy and constriction.
+
+A file that was not written by export.riq (crafted, or mismatched) ends in one UserError, before
+the output folder appears: riq_format bounds what the file declares; an onnx graph must parse,
+name exactly the stored tensors with their dims and dtypes (coded ones as float32), and load in
+onnxruntime; a transformers config.json must be a JSON object whose model_type transformers knows
+(no code from the file ever runs: no auto_map, no trust_remote_code), and the folder must load with
+`models.load_hf`, as `compress run` would load it, with every parameter stored."""
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +35,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from compress import outputs
 from compress.config import PassConfig
 from compress.errors import UserError
 from compress.exporters import riq_format
@@ -86,16 +93,15 @@ def _onnx_container(path: Path, deltas: dict[str, float]) -> tuple[list, dict[st
 # ---- decoding ----------------------------------------------------------------------------------
 
 def _fill_graph(graph_bytes: bytes, tensors: list, weights: str):
-    """The stored graph with its initializers filled from the file; int8 weights where they fit."""
-    import onnx
+    """The stored graph with its initializers filled from the file; int8 weights where they fit.
+    UserError when the graph does not parse or its initializers do not fit the stored tensors."""
     from onnx import helper, numpy_helper
 
-    model = onnx.ModelProto.FromString(graph_bytes)
-    by_name = {t.name: t for t in tensors}
+    model = _parse_graph(graph_bytes)
+    by_name = _graph_tensors(model, tensors)
     dq_nodes, inits = [], []
     for init in model.graph.initializer:
-        t = by_name[init.name]
-        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        t, dtype = by_name[init.name]
         if isinstance(t, riq_format.CodedTensor) and weights == "int8" and t.codes.size and np.abs(t.codes).max() <= 127:
             q, s = init.name + "_riq_int8", init.name + "_riq_scale"
             inits += [numpy_helper.from_array(t.codes.astype(np.int8), q),
@@ -119,52 +125,170 @@ def decode(path: Path, outdir: Path, weights: str = "float", overwrite: bool = F
     path, outdir = Path(path), Path(outdir)
     if not path.is_file():
         raise UserError(f"'{path}' does not exist or is not a file")
-    if outdir.exists() and not overwrite:
-        raise UserError(f"output directory '{outdir}' already exists: choose another -o, or pass --overwrite")
+    outputs.claim(outdir, [path], overwrite)  # never the .riq's own folder, the cwd, or a folder not ours
     t0 = time.perf_counter()
     try:
         tensors, meta = riq_format.read(path)
     except riq_format.RiqFormatError as exc:
         raise UserError(str(exc)) from None
     seconds_read = time.perf_counter() - t0
-    kind = meta.get("kind", b"").decode()
+    kind = meta.get("kind", b"").decode(errors="replace")  # a crafted kind need not be UTF-8
     if kind not in ("onnx", "transformers", "state_dict"):
         raise UserError(f"'{path}' holds no model this version can rebuild (kind {kind!r}); was it written by export.riq?")
     if kind != "onnx" and weights != "float":
         raise UserError("int8 weights need a model quantized in the onnx form (quant.riq after export.onnx); "
                         f"this file holds a torch {kind}: decode with --weights float")
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    tmp = outputs.fresh_temp(outdir, "decode")
     try:
         info = _write_decoded(tmp, kind, tensors, meta, weights)
         for name in TOKENIZER_FILES:  # a run directory keeps the tokenizer beside the file, or in model/
             for src in (path.parent / name, path.parent / "model" / name):
                 if src.is_file() and not (tmp / name).exists():
                     shutil.copy2(src, tmp / name)
-        if outdir.exists():
-            shutil.rmtree(outdir)
-        tmp.rename(outdir)
+        outputs.publish(tmp, outdir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**info, "kind": kind, "read_seconds": seconds_read, "seconds": time.perf_counter() - t0}
 
 
 def _write_decoded(folder: Path, kind: str, tensors: list, meta: dict[str, bytes], weights: str) -> dict:
+    """Writes the model into `folder` (a temp folder, renamed by decode() only on success) and
+    checks that it loads, so a crafted or mismatched file fails here with a UserError."""
     if kind == "onnx":
         import onnx
 
+        if "model.onnx" not in meta:
+            raise UserError(f"the file holds an onnx model but no graph (meta 'model.onnx'): {REEXPORT}")
         model, n_int8 = _fill_graph(meta["model.onnx"], tensors, weights)
         onnx.save(model, str(folder / "model.onnx"), save_as_external_data=model.ByteSize() > 1_800_000_000,
                   location="model.onnx.data")
+        _check_onnxruntime_loads(folder / "model.onnx")
         return {"model": "model.onnx", "int8_tensors": n_int8}
     from safetensors.numpy import save_file
 
+    config = _config(meta) if kind == "transformers" or "config.json" in meta else None
     arrays = {t.name: t.weights() if isinstance(t, riq_format.CodedTensor) else t.array for t in tensors}
     save_file({n: np.ascontiguousarray(a) for n, a in arrays.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
-    if "config.json" in meta:
-        (folder / "config.json").write_text(json.dumps(json.loads(meta["config.json"]), indent=2))
-    return {"model": "." if "config.json" in meta else "model.safetensors", "int8_tensors": 0}
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if kind == "transformers":
+        _check_transformers_loads(folder, tensors)
+    return {"model": "." if config is not None else "model.safetensors", "int8_tensors": 0}
+
+
+# ---- checking what a file decodes to (a crafted file must end in a UserError, not a traceback) ----
+
+REEXPORT = "was the file written by export.riq? Re-export the model with export.riq"
+
+
+def _parse_graph(graph_bytes: bytes):
+    import onnx
+
+    try:
+        model = onnx.ModelProto.FromString(graph_bytes)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: any failure is the file's
+        raise UserError(f"the file's ONNX graph (meta 'model.onnx') does not parse ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}): {REEXPORT}") from None
+    if not model.graph.node:  # protobuf parses many byte strings as an (empty) ModelProto
+        raise UserError(f"the file's ONNX graph (meta 'model.onnx', {len(graph_bytes)} bytes) has no nodes: {REEXPORT}")
+    return model
+
+
+def _graph_tensors(model, tensors: list) -> dict[str, tuple]:
+    """name -> (stored tensor, numpy dtype of the initializer), once every initializer of the graph
+    has a stored tensor of its dims and dtype (coded tensors decode to float32) and nothing is left over."""
+    from onnx import helper
+
+    by_name, names = {t.name: t for t in tensors}, [i.name for i in model.graph.initializer]
+    missing, extra = [n for n in names if n not in by_name], sorted(set(by_name) - set(names))
+    if missing or extra or len(set(names)) != len(names):
+        raise UserError(f"the file's tensors do not fit its ONNX graph: the graph names {len(missing)} initializer(s) "
+                        f"the file lacks {missing[:3]}, the file holds {len(extra)} the graph does not name {extra[:3]}"
+                        f"{', and an initializer name repeats' if len(set(names)) != len(names) else ''}: {REEXPORT}")
+    out, problems = {}, []
+    for init in model.graph.initializer:
+        t = by_name[init.name]
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{init.name!r}: ONNX data type {init.data_type} has no numpy dtype")
+            continue
+        coded = isinstance(t, riq_format.CodedTensor)
+        stored = (tuple(t.shape), np.dtype(np.float32)) if coded else (t.array.shape, t.array.dtype)
+        if stored != (tuple(init.dims), dtype):
+            problems.append(f"{init.name!r}: {stored[0]} {stored[1]} in the file, {tuple(init.dims)} {dtype} in the graph")
+        out[init.name] = (t, dtype)
+    if problems:
+        raise UserError(f"{len(problems)} stored tensor(s) do not fit the ONNX graph "
+                        f"({'; '.join(problems[:3])}): {REEXPORT}")
+    return out
+
+
+def _check_onnxruntime_loads(path: Path) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # loading is the check
+    options.log_severity_level = 4  # the error comes back in the exception; keep the terminal for it
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
+        raise UserError(f"the decoded ONNX model does not load in onnxruntime ({type(exc).__name__}: "
+                        f"{str(exc)[:300]}): {REEXPORT}") from None
+
+
+def _config(meta: dict[str, bytes]) -> dict:
+    """config.json parsed without running any code: a JSON object whose model_type transformers knows."""
+    if "config.json" not in meta:
+        raise UserError(f"the file holds a transformers model but no config.json: {REEXPORT}")
+    try:
+        cfg = json.loads(meta["config.json"])
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"the file's config.json is not JSON ({str(exc)[:200]}): {REEXPORT}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        got = f"a JSON {type(cfg).__name__}" if not isinstance(cfg, dict) else f"model_type {cfg.get('model_type')!r}"
+        raise UserError(f"the file's config.json must be a JSON object with a model_type string (got {got}): {REEXPORT}")
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if cfg["model_type"] not in CONFIG_MAPPING:  # never auto_map / trust_remote_code: no code from the file runs
+        raise UserError(f"the file's config.json names model_type {cfg['model_type']!r}, which this transformers "
+                        f"does not know: {REEXPORT}, or update transformers")
+    try:
+        AutoConfig.for_model(**cfg)
+    except Exception as exc:  # noqa: BLE001 - a config class may raise anything on bad values
+        raise UserError(f"the file's config.json is not a valid {cfg['model_type']} config ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}): {REEXPORT}") from None
+    return cfg
+
+
+def _check_transformers_loads(folder: Path, tensors: list) -> None:
+    """Load the decoded folder as `compress run` would (models.load_hf: no remote code, head-pruned
+    BERTs rebuilt): a shape that does not fit the config fails there; every parameter must be stored."""
+    from transformers.utils import logging as hf_logging
+
+    from compress import models
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the load report would print a table per mismatch; the error says it
+    hf_logging.disable_progress_bar()
+    try:
+        model, _, _ = models.load_hf(folder)
+    except UserError as exc:
+        raise UserError(f"the decoded model does not load: {exc}: {REEXPORT}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    stored, tied = {t.name for t in tensors}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.numel():  # a tied parameter is stored under one of its names; empty ones hold nothing
+            tied.setdefault(id(p), []).append(name)
+    missing = [names[0] for names in tied.values() if not stored & set(names)]
+    if missing:
+        raise UserError(f"the file lacks {len(missing)} parameter(s) of its {type(model).__name__} ({missing[:3]}), "
+                        f"which would load as random weights: {REEXPORT}")
 
 
 # ---- the pass ----------------------------------------------------------------------------------
@@ -209,7 +333,7 @@ def run(state: ModelState, cfg: ExportRiq, ctx) -> ModelState:
     artifacts = {**state.meta.get("artifacts", {}), "model.riq": str(dst)}
     if state.form == "onnx" and cfg.weights == "int8":
         out = ctx.workdir / "decoded"
-        info = decode(dst, out, "int8")
+        info = decode(dst, out, "int8", overwrite=True)  # a resumed stage may hold its own earlier decode
         ctx.notes["riq_file"]["int8_tensors"] = info["int8_tensors"]
         return state.with_file(out / "model.onnx", "onnx", artifacts=artifacts)
     return replace(state, meta={**state.meta, "artifacts": artifacts})

@@ -37,10 +37,19 @@ alike, so it is rebuilt exactly from the stored integers; it needs constriction'
 same, which the decode checks: the decoded indices must use up the payload and reproduce the counts.
 Raw tensor: payload = the array's bytes, C order, little-endian. Meta blob: zlib of the bytes.
 
-Every byte is covered by a CRC32 (the header's covers bytes 0..9 too) and every offset and length
-is checked against the file size before use, so a damaged file raises `RiqFormatError` and never
-allocates from a bad length; only a crafted file with valid checksums can declare a large coded
-shape (its counts must sum to it; at most 2**32 - 1 codes per tensor).
+Crafted input: a crafted file can carry valid CRCs, so all the header declares is bounded before
+anything is allocated from it (else `RiqFormatError`), by bounds no file `write` writes can fail:
+the header is at most MAX_HEADER_BYTES (32 MiB, ~100k tensors); shapes have at most 32 dims (numpy
+1's limit) and MAX_ELEMENTS in their non-zero dims; raw tensors: elements x itemsize == payload;
+zlib blobs inflate to at most 1032x their bytes (deflate's limit; tables: 8 bytes a code), meta to
+MAX_META_BYTES (256 MiB), and are inflated with a max_length (a zip bomb stops there). The payload
+cannot bound the element count: ANS codes a run of the first symbol at the end for free (the state
+stays 0), so 2**32 - 1 codes can take 4 bytes. So a file holds at most MAX_ELEMENTS = 2**34
+elements (64 GiB as float32, 2x an 8B-parameter model), and `read` estimates its peak memory (the
+file, 8 bytes a code for codes + weights, raw arrays, meta, the largest table) and refuses more than
+the hard limits allow: RLIMIT_AS headroom, RAM + swap, cgroup memory.max (never free memory, which
+would refuse files that can decode). constriction aborts the process when an allocation fails, so
+it decodes 2**20 codes a call into an array numpy allocates (a MemoryError there is reported too).
 
 Speed on 2 CPU cores, 11.7M Laplacian codes (a 30522 x 384 embedding, 4.03 bits each), measured
 with time.perf_counter over 3 runs: write 0.15-0.25 s, read 0.32 s; ANS alone encodes in 0.06 s
@@ -48,7 +57,6 @@ and decodes in 0.27 s.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -58,6 +66,11 @@ import time
 import zlib
 from dataclasses import dataclass
 
+try:
+    import resource  # Unix only: the address-space limit is one of the memory bounds
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 import constriction
 import numpy as np
 
@@ -66,13 +79,20 @@ VERSION = 1
 _PREFIX = struct.Struct("<4sHII")  # magic, version, header length, header CRC32
 _MAX_ALPHABET = 2**24 - 2  # constriction 0.5 Categorical(perfect=False) rejects larger alphabets
 _MAX_SYMBOLS = 2**32 - 1  # counts are uint32
+MAX_ELEMENTS = 2**34  # per file, coded + raw: 64 GiB as float32 (the docstring says why)
+MAX_META_BYTES = 2**28  # inflated bytes of one meta blob (a weightless ONNX graph is a few MB)
+MAX_HEADER_BYTES = 2**25
+_MAX_DIMS = 32  # numpy 1's limit (numpy 2 allows 64): files stay readable by both
+_ZLIB_MAX_RATIO = 1032  # deflate's limit: a 258-byte match in 2 bits (zlib FAQ)
+_CHUNK = 2**20  # codes per constriction call (its output is allocated in Rust: failure aborts)
 _RAW_DTYPES = {np.dtype(t).newbyteorder("<").str: np.dtype(t) for t in (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", "float32", "float64", "complex64", "complex128")}
 
 
 class RiqFormatError(ValueError):
-    """A .riq file is truncated, corrupted, of another version or internally inconsistent."""
+    """A .riq file is truncated, corrupted, of another version, internally inconsistent, beyond
+    the format's bounds, or too large to decode in this process's memory."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: `==` on numpy arrays has no single truth value
@@ -117,6 +137,9 @@ def write(path, tensors: list[CodedTensor | RawTensor], meta: dict[str, bytes] |
         metas[name] = put(zlib.compress(raw, 9)) | {"raw_length": len(raw)}
     header = json.dumps({"data_bytes": sum(map(len, blobs)), "tensors": entries, "meta": metas},
                         separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER_BYTES:  # read() refuses it: fewer tensors per file, or shorter names
+        raise ValueError(f"the header would take {len(header)} bytes, more than MAX_HEADER_BYTES = {MAX_HEADER_BYTES}: "
+                         "write fewer tensors per file, or shorter names")
     fixed = MAGIC + struct.pack("<HI", VERSION, len(header))
     head = fixed + struct.pack("<I", zlib.crc32(header, zlib.crc32(fixed))) + header
 
@@ -129,15 +152,23 @@ def write(path, tensors: list[CodedTensor | RawTensor], meta: dict[str, bytes] |
 
 
 def read(path) -> tuple[list[CodedTensor | RawTensor], dict[str, bytes]]:
-    """Verify and decode every tensor and meta blob; RiqFormatError names the file and the problem."""
+    """Verify and decode every tensor and meta blob; RiqFormatError names the file and the problem.
+    The header and the memory it needs are checked before any payload is read."""
+    need = 0
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        header, start = _parse(io.BytesIO(raw), len(raw))
-        data = memoryview(raw)[start:]
+            size = os.fstat(f.fileno()).st_size
+            header, _ = _parse(f, size)
+            need = _check_memory(header, size)
+            data = memoryview(f.read(header["data_bytes"]))  # _parse leaves f at the data section
+        if len(data) != header["data_bytes"]:
+            raise RiqFormatError(f"truncated: the data section ends after {len(data)} of {header['data_bytes']} bytes")
         tensors = [_get_coded(t, data) if t["kind"] == "coded" else _get_raw(t, data) for t in header["tensors"]]
         meta = {name: _inflate(_blob(m, data, f"meta {name!r}"), m["raw_length"], f"meta {name!r}")
                 for name, m in header["meta"].items()}
+    except MemoryError:  # numpy's allocations only (constriction's are chunk-sized): the estimate was short
+        raise RiqFormatError(f"{os.fspath(path)}: out of memory while decoding (about {need / 2**30:.2f} GiB "
+                             "needed): decode it on a machine with more free memory") from None
     except RiqFormatError as e:
         raise RiqFormatError(f"{os.fspath(path)}: {e}") from None
     return tensors, meta
@@ -200,9 +231,16 @@ def _check_inputs(tensors, meta) -> None:
         names.add(t.name)
         problems += [f"{where} ({t.name!r}): {p}" for p in (
             _coded_problems(t) if isinstance(t, CodedTensor) else _raw_problems(t))]
+    total = sum(a.size for a in (getattr(t, "codes", getattr(t, "array", None)) for t in tensors)
+                if isinstance(a, np.ndarray))
+    if total > MAX_ELEMENTS:
+        problems.append(f"{total} elements in all, more than MAX_ELEMENTS = 2**34 per file: "
+                        "split the model into several files")
     for name, value in meta.items():
         if not isinstance(name, str) or not isinstance(value, (bytes, bytearray, memoryview)):
             problems.append(f"meta[{name!r}] must map a str to bytes (got {type(value).__name__})")
+        elif len(value) > MAX_META_BYTES:
+            problems.append(f"meta[{name!r}] has {len(value)} bytes, more than MAX_META_BYTES = {MAX_META_BYTES}")
     if problems:
         raise ValueError(f"{len(problems)} problem(s) in the tensors to write: " + "; ".join(problems))
 
@@ -210,7 +248,7 @@ def _check_inputs(tensors, meta) -> None:
 def _coded_problems(t: CodedTensor) -> list[str]:
     if not isinstance(t.codes, np.ndarray) or t.codes.dtype.kind not in "iu":
         return [f"codes must be an integer numpy array (got {getattr(t.codes, 'dtype', type(t.codes))})"]
-    problems = []
+    problems = [p for p in [_shape_problem(t.codes.shape)] if p]
     if t.codes.shape != tuple(t.shape):
         problems.append(f"codes.shape {t.codes.shape} != shape {tuple(t.shape)}")
     if t.codes.size and (t.codes.min() < -2**31 or t.codes.max() >= 2**31):
@@ -228,7 +266,16 @@ def _raw_problems(t: RawTensor) -> list[str]:
     if not isinstance(t.array, np.ndarray) or dtype.newbyteorder("<").str not in _RAW_DTYPES:
         return [f"array must be a numpy array of a dtype in {sorted(d.name for d in _RAW_DTYPES.values())} "
                 f"(got {dtype or type(t.array).__name__})"]
-    return []
+    return [p for p in [_shape_problem(t.array.shape)] if p]
+
+
+def _shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Shapes both numpy 1 and 2 can hold: numpy refuses even an empty array whose other dims overflow."""
+    if len(shape) > _MAX_DIMS:
+        return f"shape has {len(shape)} dims, more than {_MAX_DIMS}"
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        return f"shape {tuple(shape)} has more than MAX_ELEMENTS = 2**34 elements in its non-zero dims"
+    return None
 
 
 def _put_coded(t: CodedTensor, put) -> dict:
@@ -290,6 +337,8 @@ def _parse(f, file_size: int) -> tuple[dict, int]:
         raise RiqFormatError(f"format version {version}{newer}; this reader reads version {VERSION}")
     if length > file_size - _PREFIX.size:
         raise RiqFormatError(f"truncated or corrupted: header length {length} > the {file_size - _PREFIX.size} bytes left")
+    if length > MAX_HEADER_BYTES:  # checked before reading it: its JSON parses into ~15x as many bytes
+        raise RiqFormatError(f"header length {length} is more than MAX_HEADER_BYTES = {MAX_HEADER_BYTES}")
     text = f.read(length)
     if zlib.crc32(text, zlib.crc32(prefix[:10])) != crc:
         raise RiqFormatError("header checksum mismatch: the file is corrupted")
@@ -331,7 +380,9 @@ def _check_header(header) -> dict:
     tensors = [_check_tensor(t, i) for i, t in enumerate(tensors)]
     if len({t["name"] for t in tensors}) != len(tensors):
         raise RiqFormatError("inconsistent table: tensor names are not unique")
-    metas = {name: _check_blob(m, f"meta[{name!r}]", ("raw_length",)) for name, m in metas.items()}
+    if (total := sum(math.prod(t["shape"]) for t in tensors)) > MAX_ELEMENTS:
+        raise RiqFormatError(f"the tensors have {total} elements in all, more than MAX_ELEMENTS = 2**34")
+    metas = {name: _check_meta(m, name) for name, m in metas.items()}
     blobs = [t[k] for t in tensors for k in ("table", "payload") if k in t] + list(metas.values())
     end = 0  # the blobs must tile the data section, so that a CRC covers every byte
     for b in sorted(blobs, key=lambda b: b["offset"]):
@@ -343,31 +394,55 @@ def _check_header(header) -> dict:
     return {"data_bytes": data_bytes, "tensors": tensors, "meta": metas}
 
 
+def _check_meta(m, name: str) -> dict:
+    m = _check_blob(m, f"meta[{name!r}]", ("raw_length",))
+    if m["raw_length"] > min(MAX_META_BYTES, _ZLIB_MAX_RATIO * m["length"]):
+        raise RiqFormatError(f"inconsistent table: meta {name!r} declares {m['raw_length']} bytes inflated from "
+                             f"{m['length']}; zlib inflates at most {_ZLIB_MAX_RATIO}x, and meta holds at most "
+                             f"MAX_META_BYTES = {MAX_META_BYTES}")
+    return m
+
+
 def _check_tensor(t, i: int) -> dict:
     kind = t.get("kind") if isinstance(t, dict) else None
     keys = {"coded": ("kind", "name", "shape", "delta", "symbols", "alphabet", "table", "payload"),
-            "raw": ("kind", "name", "shape", "dtype", "payload")}.get(kind)
+            "raw": ("kind", "name", "shape", "dtype", "payload")}.get(kind if isinstance(kind, str) else None)
     if keys is None:
         raise RiqFormatError(f"inconsistent table: tensors[{i}].kind must be 'coded' or 'raw' (got {kind!r})")
     e = dict(zip(keys, _fields(t, keys, f"tensors[{i}]")))
-    if not isinstance(e["name"], str) or not isinstance(e["shape"], list):
-        raise RiqFormatError(f"inconsistent table: tensors[{i}] needs a str name and a list shape")
+    if not isinstance(e["name"], str) or not isinstance(e["shape"], list) or len(e["shape"]) > _MAX_DIMS:
+        raise RiqFormatError(f"inconsistent table: tensors[{i}] needs a str name and a list shape of at most "
+                             f"{_MAX_DIMS} dims")
     e["shape"] = tuple(_int(s, f"tensors[{i}].shape") for s in e["shape"])
+    if _shape_problem(e["shape"]):
+        raise RiqFormatError(f"inconsistent table: tensors[{i}]: {_shape_problem(e['shape'])}")
     e["payload"] = _check_blob(e["payload"], f"tensors[{i}].payload")
     n = math.prod(e["shape"])
     if kind == "coded":
-        e["table"] = _check_blob(e["table"], f"tensors[{i}].table")
-        e["delta"] = _delta(e["delta"], i)
-        if _int(e["symbols"], f"tensors[{i}].symbols", _MAX_SYMBOLS) != n:
-            raise RiqFormatError(f"inconsistent table: tensors[{i}] has {e['symbols']} symbols for shape {e['shape']}")
-        _int(e["alphabet"], f"tensors[{i}].alphabet", min(n, _MAX_ALPHABET))
-        return e
-    if e["dtype"] not in _RAW_DTYPES:
+        return _check_coded(e, i, n)
+    if not isinstance(e["dtype"], str) or e["dtype"] not in _RAW_DTYPES:
         raise RiqFormatError(f"inconsistent table: tensors[{i}].dtype {e['dtype']!r} is not one of {sorted(_RAW_DTYPES)}")
     e["dtype"] = _RAW_DTYPES[e["dtype"]]
     if e["payload"]["length"] != n * e["dtype"].itemsize:
         raise RiqFormatError(f"inconsistent table: tensors[{i}] has {e['payload']['length']} bytes "
                              f"for shape {e['shape']} of {e['dtype'].name}")
+    return e
+
+
+def _check_coded(e: dict, i: int, n: int) -> dict:
+    """Symbols match the shape, the table can inflate to the alphabet, the payload fits the coder."""
+    e["table"] = _check_blob(e["table"], f"tensors[{i}].table")
+    e["delta"] = _delta(e["delta"], i)
+    if _int(e["symbols"], f"tensors[{i}].symbols", _MAX_SYMBOLS) != n:
+        raise RiqFormatError(f"inconsistent table: tensors[{i}] has {e['symbols']} symbols for shape {e['shape']}")
+    k = _int(e["alphabet"], f"tensors[{i}].alphabet", min(n, _MAX_ALPHABET))
+    table, words = e["table"]["length"], e["payload"]["length"]
+    if 8 * k > _ZLIB_MAX_RATIO * table:  # the table inflates to 8 bytes a symbol
+        raise RiqFormatError(f"inconsistent table: tensors[{i}] declares {k} distinct codes, but its {table}-byte "
+                             f"table inflates to at most {_ZLIB_MAX_RATIO * table} bytes, not {8 * k}")
+    if words % 4 or (k <= 1 and words):
+        raise RiqFormatError(f"inconsistent table: tensors[{i}] has a {words}-byte payload for {k} distinct codes "
+                             "(whole uint32 words; none for a single code)")
     return e
 
 
@@ -409,23 +484,74 @@ def _get_coded(t: dict, data: memoryview) -> CodedTensor:
                              f"with positive counts summing to {n}")
     words = _blob(t["payload"], data, f"payload of {name!r}")
     if k <= 1:
-        if len(words):
-            raise RiqFormatError(f"inconsistent table: {name!r} has a single symbol but a {len(words)}-byte payload")
         return CodedTensor(name, t["shape"], np.full(t["shape"], values[0] if k else 0, np.int32), t["delta"])
-    if len(words) % 4:
-        raise RiqFormatError(f"payload of {name!r} is {len(words)} bytes, not whole uint32 words")
+    return CodedTensor(name, t["shape"], _ans_decode(words, values, counts, name).reshape(t["shape"]), t["delta"])
+
+
+def _ans_decode(words: memoryview, values: np.ndarray, counts: np.ndarray, name: str) -> np.ndarray:
+    """The codes, decoded _CHUNK at a time into an array numpy allocates: constriction allocates
+    each call's output in Rust, where a failed allocation aborts the process instead of raising."""
+    n, k = int(counts.sum()), len(counts)
+    codes, seen = np.empty(n, np.int32), np.zeros(k, np.int64)
+    step = max(_CHUNK, k)  # bincount costs O(k) per call: O(n) in all
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, "<u4").astype(np.uint32))
-        indices = coder.decode(_model(counts), n)
+        model = _model(counts)
+        for at in range(0, n, step):
+            indices = coder.decode(model, min(step, n - at))
+            seen += np.bincount(indices, minlength=k)
+            codes[at:at + len(indices)] = values[indices]
     except ValueError as e:
         raise RiqFormatError(f"payload of {name!r} is not valid ANS data ({e})") from None
-    if not coder.is_empty() or not np.array_equal(np.bincount(indices, minlength=k), counts):
+    if not coder.is_empty() or not np.array_equal(seen, counts):
         raise RiqFormatError(f"payload of {name!r} does not decode to its coder table (corrupted, "
                              f"or written with a constriction whose probability quantisation differs)")
-    return CodedTensor(name, t["shape"], values[indices].reshape(t["shape"]), t["delta"])
+    return codes
 
 
 def _get_raw(t: dict, data: memoryview) -> RawTensor:
     blob = _blob(t["payload"], data, f"payload of {t['name']!r}")
     array = np.frombuffer(blob, t["dtype"]).astype(t["dtype"].newbyteorder("="))  # a writable copy
     return RawTensor(t["name"], array.reshape(t["shape"]))
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+def _check_memory(header: dict, file_size: int) -> int:
+    """The bytes decoding holds at its peak (the docstring lists them); refuses more than this process can get."""
+    coded = [t for t in header["tensors"] if t["kind"] == "coded"]
+    need = (file_size + sum(8 * t["symbols"] for t in coded)
+            + sum(t["payload"]["length"] for t in header["tensors"] if t["kind"] == "raw")
+            + sum(m["raw_length"] for m in header["meta"].values())
+            + max((40 * t["alphabet"] + 8 * min(t["symbols"], max(_CHUNK, t["alphabet"])) for t in coded), default=0))
+    limit, which = _memory_limit()
+    if need > limit:
+        raise RiqFormatError(f"decoding it needs about {need / 2**30:.2f} GiB, more than the {limit / 2**30:.2f} GiB "
+                             f"{which}: decode it where more memory is available (or, if write() did not "
+                             "write it, the file may be crafted)")
+    return need
+
+
+def _memory_limit() -> tuple[float, str]:
+    """The most bytes this process can still get, and which limit that is (inf where none is known):
+    hard limits only, so no file that could decode here is refused."""
+    limits = [(math.inf, "")]
+    meminfo = dict(line.split(":", 1) for line in _text("/proc/meminfo").splitlines() if ":" in line)
+    if resource is not None and (soft := resource.getrlimit(resource.RLIMIT_AS)[0]) != resource.RLIM_INFINITY:
+        used = _text("/proc/self/statm").split()[:1]
+        used = int(used[0]) * resource.getpagesize() if used and used[0].isdigit() else 0
+        limits.append((soft - used, "this process's address-space limit (ulimit -v) leaves"))
+    kib = [meminfo.get("MemTotal", "").split()[:1], meminfo.get("SwapTotal", "0").split()[:1]]
+    if all(v and v[0].isdigit() for v in kib):
+        limits.append((1024 * sum(int(v[0]) for v in kib), "of RAM + swap"))
+    if (cgroup := _text("/sys/fs/cgroup/memory.max").strip()).isdigit():  # "max" when unlimited
+        limits.append((int(cgroup), "cgroup memory limit (memory.max) allows"))
+    return min(limits)
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""

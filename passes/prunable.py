@@ -63,7 +63,7 @@ def supported_problems(info: Any, lookup: Callable[[Any], Any]) -> list[str]:
     from compress.models import read_hf_config
 
     try:
-        lookup(read_hf_config(info.path))
+        lookup(read_hf_config(info.path, info.trust_remote_code))
     except UserError as exc:
         return [str(exc)]
     return []

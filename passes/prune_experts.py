@@ -286,7 +286,7 @@ def _check(cfg: PruneExperts, info) -> list[str]:
         return problems
     from compress.models import read_hf_config
 
-    config = read_hf_config(info.path)
+    config = read_hf_config(info.path, info.trust_remote_code)
     arch = moe.arch_of(config)
     return moe.count_problems(config, arch, kept_count(moe.experts_of(config, arch), cfg.keep))
 

@@ -374,5 +374,28 @@ def run(state: ModelState, cfg: QuantInt4, ctx) -> ModelState:
     return state.with_file(dst, "onnx", quantized="int4")
 
 
-PASS = PassSpec(name="quant.int4", config=QuantInt4, run=run, takes=("onnx",), gives="onnx",
+def _check_order(cfg: QuantInt4, form: str | None, earlier: list) -> list[str]:
+    """Orders that fail at run time: int8 weights before (no float MatMul left), or a second quant.int4
+    after quant.weight_only (the first wrote the recorded codes; the second finds none of them). A pass
+    that changes only some weights in between (pruning) is allowed: the run counts the MatMuls whose
+    codes still fit and fails with a message when none are left."""
+    from compress.passes.quant_int8 import int8_weights_before
+
+    int8 = int8_weights_before(earlier)
+    if int8 is not None:
+        j, what = int8
+        fix = "put quant.int4 before quant.int8" if what == "quant.int8" else "use export.riq weights=float"
+        return [f"the MatMul weights are int8 after passes[{j}] ({what}), so quant.int4 finds no float weight to "
+                f"quantize and fails: {fix}"]
+    wo = next((j for j in range(len(earlier) - 1, -1, -1) if earlier[j] is not None
+               and earlier[j].pass_name == "quant.weight_only"), None)
+    again = [k for k in range(wo + 1, len(earlier)) if earlier[k] is not None
+             and earlier[k].pass_name == "quant.int4"] if wo is not None else []
+    if again:
+        return [f"quant.int4 runs twice after quant.weight_only (also passes[{again[0]}]): the first writes the recorded "
+                "codes, and the second finds none of them and fails; keep one quant.int4"]
+    return []
+
+
+PASS = PassSpec(name="quant.int4", config=QuantInt4, run=run, takes=("onnx",), gives="onnx", check_order=_check_order,
                 summary="Weight-only int4 (MatMulNBits, block-wise scales) for MatMul weights; optionally embeddings.")

@@ -137,6 +137,28 @@ def run(state: ModelState, cfg: QuantInt8, ctx) -> ModelState:
     return state.with_file(dst, "onnx", quantized="int8")
 
 
+def int8_weights_before(earlier: list) -> tuple[int, str] | None:
+    """(position, what) of the last earlier pass that leaves int8 weights in the graph: quant.int8, or
+    export.riq weights=int8. After it, quant.int4 and quant.riq find no float weight to quantize."""
+    for j in range(len(earlier) - 1, -1, -1):
+        cfg = earlier[j]
+        if cfg is not None and cfg.pass_name == "quant.int8":
+            return j, "quant.int8"
+        if cfg is not None and cfg.pass_name == "export.riq" and getattr(cfg, "weights", None) == "int8":
+            return j, "export.riq weights=int8"
+    return None
+
+
+def _check_order(cfg: QuantInt8, form: str | None, earlier: list) -> list[str]:
+    """A second quant.int8 fails at run time (dynamic: nothing left to quantize; static: the
+    quantized graph can't be calibrated again), so it is refused before any work starts."""
+    first = next((j for j, c in enumerate(earlier) if c is not None and c.pass_name == "quant.int8"), None)
+    if first is None:
+        return []
+    return [f"quant.int8 runs twice (also passes[{first}]): the graph is already int8 after the first, and a second "
+            "quantization fails; keep one quant.int8 with all the settings you want"]
+
+
 PASS = PassSpec(name="quant.int8", config=QuantInt8, run=run, takes=("onnx",), gives="onnx", kinds=ALL_KINDS,
-                needs_data=lambda cfg: cfg.mode == "static",
+                needs_data=lambda cfg: cfg.mode == "static", check_order=_check_order,
                 summary="int8 quantization: dynamic, or static QDQ calibrated on the state's training text.")

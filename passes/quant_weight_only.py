@@ -210,6 +210,15 @@ def _check(cfg: QuantWeightOnly, info) -> list[str]:
     return problems + (prunable.supported_problems(info, awq_family) if cfg.method == "awq" else [])
 
 
+def _check_order(cfg: QuantWeightOnly, form: str | None, earlier: list) -> list[str]:
+    """A second quant.weight_only fails at run time (transformers refuses `.float()` on a quantized model)."""
+    first = next((j for j, c in enumerate(earlier) if c is not None and c.pass_name == "quant.weight_only"), None)
+    if first is None:
+        return []
+    return [f"quant.weight_only runs twice (also passes[{first}]): the model is already quantized after the first, and "
+            "a second run fails; keep one quant.weight_only"]
+
+
 PASS = PassSpec(name="quant.weight_only", config=QuantWeightOnly, run=run, takes=("torch",), gives="torch",
-                needs_data=lambda cfg: cfg.method != "rtn", check=_check,
+                needs_data=lambda cfg: cfg.method != "rtn", check=_check, check_order=_check_order,
                 summary="Weight-only int4/int8 with Neural Compressor (RTN, GPTQ, AWQ); quant.int4 writes the codes as MatMulNBits.")

@@ -305,6 +305,20 @@ def run(state: ModelState, cfg: QuantRiq, ctx) -> ModelState:
                                                   "deltas": deltas}})
 
 
+def _check_order(cfg: QuantRiq, form: str | None, earlier: list) -> list[str]:
+    """RIQ quantizes float weights: after int8 weights (quant.int8, export.riq weights=int8) it finds
+    none and fails at run time, so that order is refused before any work starts."""
+    from compress.passes.quant_int8 import int8_weights_before
+
+    int8 = int8_weights_before(earlier)
+    if int8 is None:
+        return []
+    j, what = int8
+    fix = "put quant.riq before quant.int8" if what == "quant.int8" else "keep one quant.riq, or use export.riq weights=float"
+    return [f"the weights are int8 after passes[{j}] ({what}), so quant.riq finds no float weight to quantize and "
+            f"fails: {fix}"]
+
+
 PASS = PassSpec(name="quant.riq", config=QuantRiq, run=run, takes=("torch", "onnx"), gives=None,
-                needs_data=lambda cfg: True,
+                needs_data=lambda cfg: True, check_order=_check_order,
                 summary="RIQ mixed-precision quantization: one scale k, per-layer bin widths, meets an output deviation D.")

@@ -62,3 +62,31 @@ def test_data_counts_distinct_samples_before_accepting_a_file(tmp_path):
 
     with pytest.raises(DataError, match="2 distinct non-empty samples; need at least 4"):
         data.load(path)
+
+
+def test_data_jsonl_names_every_bad_line_when_text_is_not_a_string(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": 1}\n{"text": true}\n["text"]\n')
+
+    with pytest.raises(DataError) as err:
+        data.read_text_file(path)
+
+    message = str(err.value)
+    assert "d.jsonl:2: 'text' is a number, expected a string" in message
+    assert "d.jsonl:3: 'text' is a boolean, expected a string" in message
+    assert "d.jsonl:4: expected a JSON object with a 'text' field (got a list)" in message
+
+
+def test_data_reads_text_when_file_starts_with_a_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_bytes("\ufeffcafé one\r\ntwo\n\nthree\n".encode("utf-8"))
+
+    assert data.read_text_file(path) == ["café one", "two", "three"]
+
+
+def test_data_names_line_and_offset_when_file_is_not_utf8(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_bytes(b"ok\n" * 3 + "caf\xe9\n".encode("latin-1"))
+
+    with pytest.raises(DataError, match=r"d.txt:4: not UTF-8 text \(byte 0xe9 at offset 12\).*iconv -f latin1 -t utf-8"):
+        data.read_text_file(path)
