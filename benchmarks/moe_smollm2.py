@@ -2,8 +2,8 @@
 
 The fixture: SmolLM2-135M turned into a transformers Mixtral MoE by examples/moefy_smollm2.py (8
 experts of 192 neurons, top-2, routers trained, experts reconstructed block by block and then
-distilled end to end from the dense model on wiki training text; see passes/moefy.py and
-passes/moefy_refit.py), built here or taken from --moe-dir. Then, each as a compress
+distilled end to end from the dense model on wiki training text; see passes/lib/moefy.py and
+passes/lib/moefy_refit.py), built here or taken from --moe-dir. Then, each as a compress
 Pipeline run in a fresh process (so wall time and peak RSS belong to that run alone):
   prune.experts keep=0.5 (8 -> 4 experts per layer) for method in frequency / tcess / reconstruction /
   random, x protect_super_experts on / off, x merge on / off (16 runs), and prune.experts (the best of

@@ -45,7 +45,7 @@ def _fp32_rows(model, example, work: Path, tag: str, score_torch, score_onnx) ->
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from safetensors.torch import save_file
 
-    from compress.passes._quiet import quiet_root_logger
+    from compress.passes.lib.quiet import quiet_root_logger
 
     st = work / f"{tag}.safetensors"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(st))

@@ -10,7 +10,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,24 +20,11 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from compress import data as data_mod
 from compress import images, loading, outputs, recipe, registry, report, stages
 from compress.config import PassConfig
+from compress.context import PassContext
 from compress.errors import ConfigError, PassFailed, UserError
 from compress.measure import MEASURE_STEPS, Reference, measure
 from compress.profiling import LatencySettings
 from compress.state import ModelState
-
-
-@dataclass
-class PassContext:
-    """What a pass gets besides the state and its config."""
-
-    workdir: Path  # the stage folder: write every output file here
-    index: int
-    max_length: int
-    latency: LatencySettings
-    console: Console
-    key: str = ""  # hash of (input, data, every config up to this pass): tags checkpoints
-    resume: bool = False  # a training pass may continue from its checkpoint in `workdir`
-    notes: dict = field(default_factory=dict)  # merged into this stage's report record
 
 
 @dataclass(frozen=True)

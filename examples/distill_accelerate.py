@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
 
     from compress import data, models
-    from compress.passes import prunable
-    from compress.passes.distill_losses import LossWeights
-    from compress.passes.trainer import TrainSettings, tokenized, train
+    from compress.passes.lib import prunable
+    from compress.passes.lib.losses import LossWeights
+    from compress.passes.lib.trainer import TrainSettings, tokenized, train
 
     teacher, tokenizer, kind = models.load_hf(models.resolve(args.model))
     if args.student:

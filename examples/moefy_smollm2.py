@@ -2,7 +2,7 @@
 model (each FFN of 1536 neurons split into 8 experts of 192, top-2 routing, routers trained on
 real hidden states, then each layer's experts refitted block by block to the dense FFN on the MoE's
 own hidden states, then the experts and routers distilled end to end from the dense model's logits).
-See passes/moefy.py and passes/moefy_refit.py for the method and the measured errors.
+See passes/lib/moefy.py and passes/lib/moefy_refit.py for the method and the measured errors.
 
     python examples/moefy_smollm2.py --out out/smollm2-moe --threads 1     # 8 experts, top-2, seed 0
     python examples/moefy_smollm2.py --out out/x --kd-steps 0              # no distillation (refit only)
@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from compress.passes.moefy_refit import Distillation, Reconstruction
+    from compress.passes.lib.moefy_refit import Distillation, Reconstruction
 
     R, D = Reconstruction(), Distillation()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +68,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _reconstruction(args):
-    from compress.passes.moefy import Reconstruction
+    from compress.passes.lib.moefy import Reconstruction
 
     if args.no_reconstruction:
         return None
@@ -77,7 +77,7 @@ def _reconstruction(args):
 
 
 def _distillation(args):
-    from compress.passes.moefy_refit import Distillation
+    from compress.passes.lib.moefy_refit import Distillation
 
     return Distillation(steps=args.kd_steps, batch=args.kd_batch, seq_len=32 if args.fast else 128, lr=args.kd_lr,
                         shared=args.kd_shared)
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from compress.data import load
     from compress.models import load_hf, resolve
-    from compress.passes.moefy import MoefyReport, moefy
-    from compress.passes.moefy_refit import distill_moe
+    from compress.passes.lib.moefy import MoefyReport, moefy
+    from compress.passes.lib.moefy_refit import distill_moe
 
     args, start = _args(argv), time.perf_counter()
     if args.threads:

@@ -16,9 +16,10 @@ from typing import Literal
 from pydantic import Field
 
 from compress.config import PassConfig
+from compress.context import PassContext
+from compress.exporters import parity
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
-from compress.exporters import parity
 
 
 class ExportOnnx(PassConfig):
@@ -130,7 +131,7 @@ def _run_image(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
     return state.with_file(path, "onnx", exporter=cfg.exporter)
 
 
-def run(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
+def run(state: ModelState, cfg: ExportOnnx, ctx: PassContext) -> ModelState:
     from compress.runtime import OnnxRunner
 
     if state.kind == "image-classifier":

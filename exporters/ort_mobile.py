@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from compress.config import PassConfig
+from compress.context import PassContext
 from compress.exporters import parity
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
@@ -34,7 +35,7 @@ def convert(src, dst, optimization: str) -> None:
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
 
 
-def run(state: ModelState, cfg: ExportOrt, ctx) -> ModelState:
+def run(state: ModelState, cfg: ExportOrt, ctx: PassContext) -> ModelState:
     from compress.runtime import OnnxRunner
 
     dst = ctx.workdir / "model.ort"

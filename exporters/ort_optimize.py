@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from compress.config import PassConfig
+from compress.context import PassContext
 from compress.exporters import parity
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
@@ -62,7 +63,7 @@ def _generic(src, dst) -> dict:
     return {}
 
 
-def run(state: ModelState, cfg: OptimizeOrt, ctx) -> ModelState:
+def run(state: ModelState, cfg: OptimizeOrt, ctx: PassContext) -> ModelState:
     from compress.runtime import OnnxRunner
 
     dst = ctx.workdir / "model.onnx"

@@ -37,6 +37,7 @@ from pydantic import Field
 
 from compress import outputs
 from compress.config import PassConfig
+from compress.context import PassContext
 from compress.errors import UserError
 from compress.exporters import riq_format
 from compress.registry import PassSpec
@@ -308,7 +309,7 @@ def _verify(path: Path, tensors: list) -> None:
             raise ValueError(f"tensor '{t.name}' does not decode bit-exact from {path.name}")
 
 
-def run(state: ModelState, cfg: ExportRiq, ctx) -> ModelState:
+def run(state: ModelState, cfg: ExportRiq, ctx: PassContext) -> ModelState:
     riq = state.meta.get("riq")
     if not riq or riq.get("form") != state.form:
         raise ValueError("export.riq needs the model quant.riq produced, in the same form: put it right after quant.riq")

@@ -17,9 +17,10 @@ import dataclasses
 
 from pydantic import Field, model_validator
 
-from compress.passes.distill_losses import LossWeights, Taid
-from compress.passes.prune_homodistil import TrainingFields
-from compress.passes.trainer import tokenized, train
+from compress.context import PassContext
+from compress.passes.lib.losses import LossWeights, Taid
+from compress.passes.lib.trainer import tokenized, train
+from compress.passes.lib.training import TrainingFields
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
@@ -93,7 +94,7 @@ def _text_data(state: ModelState, cfg: DistillKD, student, ctx) -> tuple[dict, L
             {"texts": len(texts), "self_data": cfg.self_data})
 
 
-def run(state: ModelState, cfg: DistillKD, ctx) -> ModelState:
+def run(state: ModelState, cfg: DistillKD, ctx: PassContext) -> ModelState:
     student = copy.deepcopy(state.model)
     if state.kind == "image-classifier":
         data, weights, what = _image_data(state, cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from compress.config import PassConfig
+from compress.context import PassContext
 from compress.profiling import LatencySettings, profile_file, prompt_ids, real_feed
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
@@ -33,7 +34,7 @@ class Profile(PassConfig):
                                self.new_tokens, self.generate_runs)
 
 
-def run(state: ModelState, cfg: Profile, ctx) -> ModelState:
+def run(state: ModelState, cfg: Profile, ctx: PassContext) -> ModelState:
     settings = cfg.latency_settings()
     texts = state.data.eval if state.data else []
     feed = real_feed(state.tokenizer, texts, settings.batch, settings.seq)

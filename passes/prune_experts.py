@@ -2,7 +2,7 @@
 
 MoE models are the ones that least fit on edge devices: all experts are stored although only top-k
 run per token. This pass runs calibration text through the model once (hooks on the MoE blocks,
-see passes/moe.py), scores the experts of every layer and keeps the same number in each layer
+see passes/lib/moe.py), scores the experts of every layer and keeps the same number in each layer
 (transformers' configs hold one expert count), then slices them out for real: the result reloads
 with the library's own classes and exports with export.onnx. A global fraction with a per-layer
 floor (different counts per layer) is deliberately not offered: no MoE config of transformers
@@ -41,8 +41,9 @@ import torch
 from pydantic import Field, field_validator
 
 from compress.config import PassConfig
+from compress.context import PassContext
 from compress.errors import ConfigError, UserError
-from compress.passes import moe
+from compress.passes.lib import moe
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -250,7 +251,7 @@ def _prune_layer(block, arch, stats, protected, cfg: PruneExperts, counts: dict,
             "tokens_routed": stats.freq.long().tolist(), "max_abs_down_proj": [round(float(v), 4) for v in stats.max_abs]}
 
 
-def run(state: ModelState, cfg: PruneExperts, ctx) -> ModelState:
+def run(state: ModelState, cfg: PruneExperts, ctx: PassContext) -> ModelState:
     model = copy.deepcopy(state.model)
     arch = moe.arch_of(model.config)
     experts, top_k = moe.experts_of(model.config, arch), int(getattr(model.config, arch.topk_key))

@@ -14,7 +14,7 @@ BERT- or Llama-family model in one step, ranked by
   input columns of its query heads. Works for every kind (a forward pass, no loss).
 Then slices the model like prune.homodistil (same regular architecture, reloads with the library's
 classes). CNNs and other nets without a transformers config (kind image-classifier) are pruned by
-`channels` through Torch-Pruning's dependency graph instead (passes/prune_channels.py; magnitude,
+`channels` through Torch-Pruning's dependency graph instead (passes/lib/channels.py; magnitude,
 taylor or random). No training: follow with distill.kd to recover. When to use: as a quick baseline, or
 when there is no budget for iterative pruning; for decoder LLMs use `activation`.
 
@@ -49,9 +49,10 @@ from pydantic import Field
 from torch import nn
 
 from compress.config import PassConfig
+from compress.context import PassContext
 from compress.images import KIND as IMAGE
-from compress.passes import prunable, prune_channels
-from compress.passes.trainer import tokenized
+from compress.passes.lib import channels, prunable
+from compress.passes.lib.trainer import tokenized
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
@@ -140,10 +141,10 @@ def _scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, torch.T
     return {id(p): p.detach() ** 2 for p in model.parameters()}  # unit score = squared L2 norm
 
 
-def run(state: ModelState, cfg: PruneStructured, ctx) -> ModelState:
+def run(state: ModelState, cfg: PruneStructured, ctx: PassContext) -> ModelState:
     if state.kind == IMAGE:
         with ctx.console.status(f"pruning {cfg.channels:.0%} of the channels ({cfg.importance}, Torch-Pruning)"):
-            model, ctx.notes["pruning"] = prune_channels.prune(state, cfg.channels, cfg.importance, cfg.round_to,
+            model, ctx.notes["pruning"] = channels.prune(state, cfg.channels, cfg.importance, cfg.round_to,
                                                                cfg.taylor_batches, cfg.seed)
         return state.with_torch(model)
     model = copy.deepcopy(state.model)
@@ -161,7 +162,7 @@ def run(state: ModelState, cfg: PruneStructured, ctx) -> ModelState:
 
 def _check(cfg: PruneStructured, info) -> list[str]:
     if info.kind == IMAGE:
-        return prune_channels.check(cfg, info)
+        return channels.check(cfg, info)
     problems = prunable.check_supported(info)
     if cfg.channels > 0:
         problems.append("channels applies to CNNs (Torch-Pruning); prune a transformer with heads and ffn")

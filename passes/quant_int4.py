@@ -31,8 +31,9 @@ import numpy as np
 from pydantic import Field
 
 from compress.config import BlockSize, PassConfig
-from compress.passes._quiet import quiet_root_logger
-from compress.passes.selection import Patterns, matching_nodes
+from compress.context import PassContext
+from compress.passes.lib.quiet import quiet_root_logger
+from compress.passes.lib.selection import Patterns, matching_nodes
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -285,7 +286,7 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
     from onnx import numpy_helper
     from safetensors.numpy import load_file
 
-    from compress.passes.quant_weight_only import dequantize
+    from compress.passes.lib.quantized import dequantize
 
     tensors, bits, group = load_file(info["file"]), info["bits"], info["group_size"]
     recorded = {}
@@ -333,7 +334,7 @@ def _nbits(model: Any, bits: int, excluded: list[str], cfg: QuantInt4) -> Any:
     return quant.model
 
 
-def run(state: ModelState, cfg: QuantInt4, ctx) -> ModelState:
+def run(state: ModelState, cfg: QuantInt4, ctx: PassContext) -> ModelState:
     import onnx
 
     model = onnx.load(str(state.path))
@@ -379,7 +380,7 @@ def _check_order(cfg: QuantInt4, form: str | None, earlier: list) -> list[str]:
     after quant.weight_only (the first wrote the recorded codes; the second finds none of them). A pass
     that changes only some weights in between (pruning) is allowed: the run counts the MatMuls whose
     codes still fit and fails with a message when none are left."""
-    from compress.passes.quant_int8 import int8_weights_before
+    from compress.passes.lib.quantized import int8_weights_before
 
     int8 = int8_weights_before(earlier)
     if int8 is not None:

@@ -15,8 +15,9 @@ from typing import Literal
 from pydantic import Field
 
 from compress.config import PassConfig
-from compress.passes._quiet import quiet_root_logger
-from compress.passes.selection import Patterns, matching_nodes
+from compress.context import PassContext
+from compress.passes.lib.quiet import quiet_root_logger
+from compress.passes.lib.selection import Patterns, matching_nodes
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
@@ -112,7 +113,7 @@ def _quant_ops(path) -> dict[str, int]:
     return _ops_of(path, QUANT_OPS)
 
 
-def run(state: ModelState, cfg: QuantInt8, ctx) -> ModelState:
+def run(state: ModelState, cfg: QuantInt8, ctx: PassContext) -> ModelState:
     dst = ctx.workdir / "model.onnx"
     excluded = matching_nodes(state.path, cfg.exclude)
     if cfg.mode == "dynamic":
@@ -135,18 +136,6 @@ def run(state: ModelState, cfg: QuantInt8, ctx) -> ModelState:
         raise ValueError("static quantization quantized weights only (no QuantizeLinear for activations)")
     ctx.notes.update(quantized_ops=quant_ops, excluded=excluded)
     return state.with_file(dst, "onnx", quantized="int8")
-
-
-def int8_weights_before(earlier: list) -> tuple[int, str] | None:
-    """(position, what) of the last earlier pass that leaves int8 weights in the graph: quant.int8, or
-    export.riq weights=int8. After it, quant.int4 and quant.riq find no float weight to quantize."""
-    for j in range(len(earlier) - 1, -1, -1):
-        cfg = earlier[j]
-        if cfg is not None and cfg.pass_name == "quant.int8":
-            return j, "quant.int8"
-        if cfg is not None and cfg.pass_name == "export.riq" and getattr(cfg, "weights", None) == "int8":
-            return j, "export.riq weights=int8"
-    return None
 
 
 def _check_order(cfg: QuantInt8, form: str | None, earlier: list) -> list[str]:

@@ -40,8 +40,10 @@ import torch
 from pydantic import Field
 
 from compress.config import BlockSize, PassConfig
-from compress.passes import prunable
-from compress.passes._quiet import quiet_root_logger
+from compress.context import PassContext
+from compress.passes.lib import prunable
+from compress.passes.lib.quantized import dequantize
+from compress.passes.lib.quiet import quiet_root_logger
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -137,14 +139,6 @@ def _unpack(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return codes.to(torch.uint8), scales.contiguous(), zp.to(torch.uint8)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group: int) -> torch.Tensor:
-    """scale * (code - zero point), float32 (N, K): the weight the torch model and the ONNX export
-    carry, and what quant.int4 compares MatMul weights against."""
-    k = codes.shape[1]
-    steps = codes.float() - zero_points.float().repeat_interleave(group, dim=1)[:, :k]
-    return (steps * scales.repeat_interleave(group, dim=1)[:, :k]).contiguous()
-
-
 def _to_linears(model: torch.nn.Module, group: int, biased: set[str]) -> dict[str, torch.Tensor]:
     """Replace every INCWeightOnlyLinear by an nn.Linear holding its dequantized weight, with a bias
     only where the original had one (`biased`: INC adds zero biases everywhere); returns the codes,
@@ -166,7 +160,7 @@ def _to_linears(model: torch.nn.Module, group: int, biased: set[str]) -> dict[st
     return tensors
 
 
-def run(state: ModelState, cfg: QuantWeightOnly, ctx) -> ModelState:
+def run(state: ModelState, cfg: QuantWeightOnly, ctx: PassContext) -> ModelState:
     from safetensors.torch import save_file
 
     if cfg.method == "awq":

@@ -33,7 +33,8 @@ import numpy as np
 from pydantic import Field
 
 from compress.config import PassConfig
-from compress.passes.selection import Patterns, matches
+from compress.context import PassContext
+from compress.passes.lib.selection import Patterns, matches
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -282,7 +283,7 @@ def _run_onnx(state: ModelState, cfg: QuantRiq, feeds: list, progress, dst) -> t
     return state.with_file(dst, "onnx"), result
 
 
-def run(state: ModelState, cfg: QuantRiq, ctx) -> ModelState:
+def run(state: ModelState, cfg: QuantRiq, ctx: PassContext) -> ModelState:
     feeds = _calibration_feeds(state, cfg, ctx.max_length)
     with ctx.console.status(f"searching the RIQ scale k on {min(cfg.calibration_samples, len(state.data.train))} "
                             f"training samples (D={cfg.deviation})") as status:
@@ -308,7 +309,7 @@ def run(state: ModelState, cfg: QuantRiq, ctx) -> ModelState:
 def _check_order(cfg: QuantRiq, form: str | None, earlier: list) -> list[str]:
     """RIQ quantizes float weights: after int8 weights (quant.int8, export.riq weights=int8) it finds
     none and fails at run time, so that order is refused before any work starts."""
-    from compress.passes.quant_int8 import int8_weights_before
+    from compress.passes.lib.quantized import int8_weights_before
 
     int8 = int8_weights_before(earlier)
     if int8 is None:

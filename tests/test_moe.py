@@ -12,7 +12,8 @@ import torch
 
 from compress import Pipeline, data, loading
 from compress.errors import ConfigError
-from compress.passes import moe, prune_experts
+from compress.passes.lib import moe
+from compress.passes import prune_experts
 from compress.passes.prune_experts import PruneExperts
 from conftest import _save, _tokenizer
 

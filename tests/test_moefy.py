@@ -1,4 +1,4 @@
-"""passes/moefy.py and passes/moefy_refit.py on the tiny Llama (hidden 32, 2 layers, FFN 64 -> 8 experts
+"""passes/lib/moefy.py and passes/lib/moefy_refit.py on the tiny Llama (hidden 32, 2 layers, FFN 64 -> 8 experts
 of 8 neurons, top-2) and examples/moefy_smollm2.py --fast."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from compress import Pipeline
 from compress.errors import UserError
-from compress.passes import moefy as mf
-from compress.passes import moefy_refit as rf
+from compress.passes.lib import moefy as mf
+from compress.passes.lib import moefy_refit as rf
 
 ROOT = Path(__file__).resolve().parents[1]
 RECON = rf.Reconstruction(steps=60, tokens=2048, seq_len=32, lr=3e-3, batch=256)

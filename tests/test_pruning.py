@@ -238,7 +238,7 @@ def test_homodistil_schedule_is_cubic_from_full_to_target():
 
 
 def test_keep_count_is_exact_for_decimal_fractions():
-    from compress.passes.prunable import keep_count
+    from compress.passes.lib.prunable import keep_count
 
     assert [keep_count(10, 0.7), keep_count(100, 0.45), keep_count(1000, 0.7), keep_count(9, 0.5)] == [3, 55, 300, 5]
 
@@ -257,7 +257,7 @@ def test_homodistil_rejects_a_schedule_with_no_pruning_phase():
 
 
 def test_params_budget_removes_the_smallest_equal_fraction_that_fits(tiny_llama, text_file, tmp_path, fast):
-    from compress.passes import prunable
+    from compress.passes.lib import prunable
 
     before_model, _, _ = load_hf(tiny_llama)
     fam, geo = prunable.family_of(before_model.config), prunable.Geometry.of(before_model.config)

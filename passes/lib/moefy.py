@@ -32,7 +32,7 @@ tokens, 300 steps, 618 s on 2 loaded cores): random router 0.852, after phase 1 
 phase 2 0.614, oracle 0.573 (layers range 0.08-0.81 after training). Only 2 of 8 experts run, so
 with routers alone the MoE is a poor LM.
 
-Then (passes/moefy_refit.py, where the measurements are) each MoE block is refitted to the dense
+Then (passes/lib/moefy_refit.py, where the measurements are) each MoE block is refitted to the dense
 FFN on the MoE's own hidden states (`Reconstruction`: least-squares down_proj; routers only ppl
 1894 -> 436 on SmolLM2, dense 34.35) and, optionally, the whole MoE is distilled end to end from
 the dense model's logits (`Distillation`; 150 steps: 474 -> 231 in 13 min). The MoE is still far from the
@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from compress.errors import UserError
-from compress.passes import moe
-from compress.passes.moefy_refit import (Distillation, Reconstruction, distill_moe, packed_ids, reconstruct_experts,
-                                         relative_error)
+from compress.passes.lib import moe
+from compress.passes.lib.moefy_refit import (Distillation, Reconstruction, distill_moe, packed_ids, reconstruct_experts,
+                                             relative_error)
 
 SUPPORTED = ("llama", "mistral")
 MIXTRAL = next(a for a in moe.ARCHS if a.name == "mixtral")

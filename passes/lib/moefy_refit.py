@@ -1,4 +1,4 @@
-"""Second stage of MoEfication (passes/moefy.py): make the routed MoE closer to the dense model it
+"""Second stage of MoEfication (passes/lib/moefy.py): make the routed MoE closer to the dense model it
 came from, block by block (`Reconstruction`) and then end to end (`Distillation`).
 
 Block-wise reconstruction (after the routers; `reconstruct_experts`): layer by layer, on packed
@@ -24,7 +24,7 @@ cannot see how errors compound through the layers or what the logits need, so th
 (student) is trained against the dense model (teacher) with KL(teacher || student) of the logits
 at temperature 1 (Hinton et al., "Distilling the Knowledge in a Neural Network", arXiv
 1503.02531), on packed wiki training text (never lee_background), by the project's trainer
-(passes/trainer.py: AdamW, warm-up then linear decay, batches a function of (seed, step), so the
+(passes/lib/trainer.py: AdamW, warm-up then linear decay, batches a function of (seed, step), so the
 same seed gives the same weights). Only the MoE blocks (experts and routers) train by default: the
 attention, norms and embeddings stay the dense model's, so the two differ only in their FFNs.
 Measured on SmolLM2-135M (defaults: refit as above, then 150 steps of 4 packed rows x 128 tokens =
@@ -230,8 +230,8 @@ def distill_moe(dense: Any, mixtral: Any, tokenizer: Any, texts: list[str], cfg:
     rows repeat in a new seeded order once the text runs out). Returns the trainer's stats."""
     from rich.console import Console
 
-    from compress.passes.distill_losses import LossWeights
-    from compress.passes.trainer import TrainSettings, train
+    from compress.passes.lib.losses import LossWeights
+    from compress.passes.lib.trainer import TrainSettings, train
 
     ids = packed_ids(tokenizer, texts, cfg.seq_len, cfg.steps * cfg.batch * cfg.seq_len)  # (rows, seq_len)
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from compress.images import matching_views
-from compress.passes.distill_losses import LossWeights, Taid, distill_loss
+from compress.passes.lib.losses import LossWeights, Taid, distill_loss
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ ARCHS = (
 
 
 def arch_of(config: Any) -> MoeArch:
-    from compress.passes.prunable import by_model_type
+    from compress.passes.lib.prunable import by_model_type
 
     return by_model_type(config, ARCHS, "expert pruning does not support model_type '{model_type}': supported are "
                                         "{supported} (dense models have no experts to prune: use prune.structured)")
@@ -71,7 +71,7 @@ def arch_of(config: Any) -> MoeArch:
 
 def check_supported(info: Any) -> list[str]:
     """A torch model folder must hold a supported MoE architecture."""
-    from compress.passes.prunable import supported_problems
+    from compress.passes.lib.prunable import supported_problems
 
     return supported_problems(info, arch_of)
 
