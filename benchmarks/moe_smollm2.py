@@ -43,7 +43,6 @@ Earlier (fixture without the distillation, unpruned 436.2 on 20 paragraphs; --pp
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -58,16 +57,16 @@ METHODS = ("frequency", "tcess", "reconstruction", "random")
 
 
 def fixture(args) -> Path:
-    """The unpruned MoE folder: --moe-dir, or built by examples/moefy_smollm2.py under the workdir."""
+    """The unpruned MoE folder: --moe-dir, or built by compress.fixtures.smollm2_moe (examples/moefy_smollm2.py)
+    under the workdir."""
     if args.moe_dir:
         return Path(args.moe_dir)
     folder = args.workdir / "fixture" / "model"
     if not (folder / "config.json").is_file():
-        spec = importlib.util.spec_from_file_location("moefy_smollm2", ROOT / "examples" / "moefy_smollm2.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main(["--model", args.dense, "--out", str(folder.parent), "--threads", str(args.threads)]
-                    + (["--fast"] if args.quick else []))
+        from compress.fixtures.smollm2_moe import Options, build, print_summary
+
+        options = Options(model=args.dense, threads=args.threads)
+        print_summary(build(folder.parent, options.fast() if args.quick else options))
     return folder
 
 

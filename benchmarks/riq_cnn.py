@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 
 def _bytes_zstd(path: Path) -> int:
@@ -94,11 +91,11 @@ def _riq_row(model, calib, deviation: float, work: Path, tag: str, score_torch) 
 
 
 def mnist_vgg(args, work: Path) -> dict[str, list[dict]]:
-    import mnist_vgg as mv
+    from compress.fixtures import mnist_vgg as mv
 
     if args.vgg_dir is None or not (args.vgg_dir / "vgg_pruned.safetensors").is_file():
         args.vgg_dir = work / "mnist_vgg"
-        mv.main(["--out", str(args.vgg_dir), "--threads", str(args.threads)])
+        mv.print_summary(mv.build(args.vgg_dir))  # torch threads: --threads, set in main
     x_tr, y_tr, x_te, y_te = mv.load_mnist(0)
     calib = x_tr[:512]
 
@@ -125,7 +122,7 @@ def mnist_vgg(args, work: Path) -> dict[str, list[dict]]:
 def efficientnet(args, work: Path) -> dict[str, list[dict]]:
     import torch
 
-    import efficientnet_images as ei
+    from compress.fixtures import efficientnet_photos as ei
 
     model = ei.load_efficientnet_lite0()
     x, names = ei.load_images()

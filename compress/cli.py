@@ -195,7 +195,7 @@ def profile(
 
     from compress import models
     from compress.data import load
-    from compress.profiling import LatencySettings, profile_file, prompt_ids, real_feed
+    from compress.profiling import LatencySettings, profile_file, real_feed
 
     quiet_libraries()
     path = _onnx_file(model)
@@ -204,7 +204,7 @@ def profile(
     texts = load("wiki").eval if tokenizer is not None else []
     feed = real_feed(tokenizer, texts, batch, seq)
     kind = models.onnx_signature(path)[0]
-    prompt = prompt_ids(tokenizer, texts, prompt_tokens) if kind == "causal-lm" else None  # cache graphs: generation
+    prompt = kind.profile_prompt(tokenizer, texts, prompt_tokens)  # causal LMs: generation timing of cache graphs
     with tempfile.TemporaryDirectory() as tmp, console.status(f"profiling {path.name}"):
         result = profile_file(path, kind, feed, settings, Path(tmp), prompt=prompt)
     result["inputs"] = "real text (held-out wiki)" if tokenizer is not None else "random token ids (no tokenizer beside the model)"

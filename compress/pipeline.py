@@ -107,10 +107,7 @@ class Pipeline:
         data_spec = data if data is not None else self.data
         info = self.validate(model, trust_remote_code=trust_remote_code)
         outputs.claim(outdir, [*stages.input_files(info), data_spec, self.recipe_path, tokenizer], overwrite, work=work)
-        if info.kind == images.KIND:
-            text = images.load(data_spec or "photos", size=images.input_size(info.path))
-        else:
-            text = data_mod.load(data_spec)
+        text = info.kind.load_data(data_spec, info.path)  # a text corpus, or images sized for the model
         settings = latency or self.latency_settings()
         with console.status(f"loading {model if model is not None else 'minilm'}"):
             state = loading.load(model, info, text, tokenizer, trust_remote_code)
@@ -166,11 +163,11 @@ class Pipeline:
         if isinstance(data_spec, images.ImageData):
             data_text = data_spec.source
         elif data_spec in (None, *data_mod.BUILTIN, *images.BUILTIN):
-            data_text = data_spec or ("photos" if state.kind == images.KIND else "wiki")
+            data_text = data_spec or state.kind.inputs.default_data
         else:
             data_text = str(Path(data_spec).resolve())
         (work / "recipe.yaml").write_text(recipe.dump_recipe(self.configs, model=state.source, data=data_text))
-        rep = {"model": state.source, "kind": state.kind, "architecture": state.architecture,
+        rep = {"model": state.source, "kind": state.kind.name, "architecture": state.architecture,
                "data": state.data.summary() if state.data else None,
                "settings": {"latency": settings.as_dict()}, "stages": list(state.history),
                "final": {"path": final, "form": state.form}}

@@ -45,9 +45,21 @@ class LatencySettings:
 
 def real_feed(tokenizer: Any, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:
     """`batch` real samples, each filled to `seq` tokens (texts are repeated when too short). Images
-    ((N, 3, H, W) array): the first `batch` of them (repeated when fewer), `seq` unused."""
+    ((N, 3, H, W) array): the first `batch` of them (repeated when fewer), `seq` unused. (The
+    pipeline asks the model's kind: `kind.inputs.latency_feed`, which is one of the two below.)"""
     if isinstance(texts, np.ndarray):
-        return {"pixel_values": np.ascontiguousarray(texts[np.arange(batch) % len(texts)], dtype=np.float32)}
+        return image_feed(texts, batch)
+    return text_feed(tokenizer, texts, batch, seq)
+
+
+def image_feed(images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """The first `batch` images ((N, 3, H, W) array), repeated when fewer, as pixel_values."""
+    return {"pixel_values": np.ascontiguousarray(images[np.arange(batch) % len(images)], dtype=np.float32)}
+
+
+def text_feed(tokenizer: Any, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:
+    """`batch` real samples, each filled to `seq` tokens (texts are repeated when too short); random
+    token ids without a tokenizer."""
     if tokenizer is None:
         ids = np.random.default_rng(0).integers(1000, 2000, size=(batch, seq), dtype=np.int64)
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -83,7 +95,8 @@ def time_torch(model: Any, feed: dict[str, np.ndarray], settings: LatencySetting
     else:
         args = ()
         kwargs = {"input_ids": torch.from_numpy(feed["input_ids"]), "attention_mask": torch.from_numpy(feed["attention_mask"])}
-        if getattr(model.config, "is_decoder", False) or "CausalLM" in type(model).__name__:
+        config = getattr(model, "config", None)  # a plain module fed token ids has none
+        if getattr(config, "is_decoder", False) or "CausalLM" in type(model).__name__:
             kwargs["use_cache"] = False
     prev = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
@@ -94,7 +107,7 @@ def time_torch(model: Any, feed: dict[str, np.ndarray], settings: LatencySetting
         torch.set_num_threads(prev)
 
 
-def time_onnx(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings,
+def time_onnx(path: Path, kind: Any, feed: dict[str, np.ndarray], settings: LatencySettings,
               sess: Any = None) -> dict[str, float]:
     run = OnnxRunner(path, kind, threads=settings.threads, sess=sess)
     sess, inputs = run.sess, run.feed(feed)
@@ -250,10 +263,11 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + sum(p.stat().st_size for p in external_files(path) if p.is_file())
 
 
-def profile_file(path: Path, kind: str, feed: dict[str, np.ndarray], settings: LatencySettings, workdir: Path,
+def profile_file(path: Path, kind: Any, feed: dict[str, np.ndarray], settings: LatencySettings, workdir: Path,
                  prompt: np.ndarray | None = None) -> dict:
-    """Latency, throughput, peak memory, size and top ops; with a (1, prompt) `prompt` and a KV-cache
-    graph also `generation`: TTFT, decode tokens/s and the peak memory of generating."""
+    """Latency, throughput, peak memory, size and top ops; with a (1, prompt) `prompt` (the kind's
+    `profile_prompt`) and a KV-cache graph also `generation`: TTFT, decode tokens/s and the peak
+    memory of generating. `kind`: a ModelKind or its name."""
     run = OnnxRunner(path, kind, threads=settings.threads)
     inputs = run.feed(feed)
     latency = time_call(lambda: run.sess.run(None, inputs), settings)

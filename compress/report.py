@@ -3,14 +3,20 @@
 The report dict (see `write_all`) lists stage 0 (the input model) and then one stage per pass,
 each with params, bytes, fidelity to the input (`cosine` for encoders, `kl`/`top1` for
 classifiers and causal LMs), task metrics, latency percentiles (causal LMs with a KV cache also
-`ttft_ms` and `tokens_per_s` in `latency_ms`: columns "TTFT ms" and "tok/s") and an optional `profile`.
-Any numeric field may be None (not measured): tables show "–" and plots skip the point.
-Sizes are decimal megabytes (bytes / 1e6)."""
+`ttft_ms` and `tokens_per_s` in `latency_ms`: columns "TTFT ms" and "tok/s"), plus whatever its pass
+noted (ctx.notes). Any numeric field may be None (not measured): tables show "–" and plots skip the point.
+Sizes are decimal megabytes (bytes / 1e6).
+
+This module knows no pass: a pass's notes are shown by its own `PassSpec.report`, found through the registry
+(`write_markdown` only lays the sections out), with the helpers below (`fmt`, `mb`, `md_table`,
+`stage_label`), so every section formats numbers alike."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from compress import registry
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -21,19 +27,19 @@ LATENCY_KEYS = ("p50", "p90", "p99")
 GENERATION_COLUMNS = (("ttft_ms", "TTFT ms", ".1f"), ("tokens_per_s", "tok/s", ".1f"))  # causal LMs with a KV cache
 
 
-def _is_num(value: Any) -> bool:
+def is_num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt(value: Any, spec: str) -> str:
     """Format a number with `spec`, "–" for None, str() for anything non-numeric."""
     if value is None:
         return DASH
-    return format(value, spec) if _is_num(value) else str(value)
+    return format(value, spec) if is_num(value) else str(value)
 
 
-def _mb(nbytes: Any) -> float | None:
-    return nbytes / 1e6 if _is_num(nbytes) else None
+def mb(nbytes: Any) -> float | None:
+    return nbytes / 1e6 if is_num(nbytes) else None
 
 
 def _fidelity_keys(stages: list[dict]) -> list[str]:
@@ -52,7 +58,7 @@ def _metric_keys(stages: list[dict]) -> list[str]:
 
 def _has_generation(stages: list[dict]) -> bool:
     """Whether any stage measured generation (TTFT / tokens/s): only causal LMs with a KV cache do."""
-    return any(_is_num((s.get("latency_ms") or {}).get(key)) for s in stages for key, _, _ in GENERATION_COLUMNS)
+    return any(is_num((s.get("latency_ms") or {}).get(key)) for s in stages for key, _, _ in GENERATION_COLUMNS)
 
 
 def _stage_table(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -67,22 +73,28 @@ def _stage_table(report: dict) -> tuple[list[str], list[list[str]]]:
         fid, met = stage.get("fidelity") or {}, stage.get("metrics") or {}
         lat = stage.get("latency_ms") or {}
         rows.append([
-            _fmt(stage.get("index"), "d"), str(stage.get("name", DASH)), str(stage.get("form", DASH)),
-            _fmt(stage.get("params"), ",d"), _fmt(_mb(stage.get("bytes")), ".1f"),
-            *(_fmt(fid.get(k), ".4f") for k in fid_keys),
-            *(_fmt(met.get(k), ".3f") for k in met_keys),
-            *(_fmt(lat.get(k), ".2f") for k in LATENCY_KEYS),
-            *(_fmt(lat.get(key), spec) for key, _, spec in gen),
-            _fmt(stage.get("seconds"), ".1f"),
+            fmt(stage.get("index"), "d"), str(stage.get("name", DASH)), str(stage.get("form", DASH)),
+            fmt(stage.get("params"), ",d"), fmt(mb(stage.get("bytes")), ".1f"),
+            *(fmt(fid.get(k), ".4f") for k in fid_keys),
+            *(fmt(met.get(k), ".3f") for k in met_keys),
+            *(fmt(lat.get(k), ".2f") for k in LATENCY_KEYS),
+            *(fmt(lat.get(key), spec) for key, _, spec in gen),
+            fmt(stage.get("seconds"), ".1f"),
         ])
     return headers, rows
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(headers: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) -> list[str]:
+    """A markdown table; the columns named in `left` hold text (left-aligned), the others numbers."""
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-    align = ["---" if h in ("stage", "form", "op") else "---:" for h in headers]
+    align = ["---" if h in left else "---:" for h in headers]
     return [line(headers), line(align), *(line(r) for r in rows)]
+
+
+def stage_label(stage: dict) -> str:
+    """How a section names the stage it describes: "stage 3 quant.int4"."""
+    return f"stage {stage.get('index', '?')} {stage.get('name', '?')}"
 
 
 def _title_lines(report: dict) -> list[str]:
@@ -90,18 +102,18 @@ def _title_lines(report: dict) -> list[str]:
     lines = [f"# Compression report: {report.get('model', '?')} ({report.get('kind', '?')})", ""]
     data = report.get("data") or {}
     if data:
-        lines.append(f"- **Data**: {data.get('source', '?')}: {_fmt(data.get('train'), ',d')} train"
-                     f" / {_fmt(data.get('eval'), ',d')} eval samples")
+        lines.append(f"- **Data**: {data.get('source', '?')}: {fmt(data.get('train'), ',d')} train"
+                     f" / {fmt(data.get('eval'), ',d')} eval samples")
     lat = (report.get("settings") or {}).get("latency") or {}
     if lat:
         shape = (f"images of {'x'.join(str(d) for d in data['shape'][1:])}" if data.get("shape")
-                 else f"seq {_fmt(lat.get('seq'), 'd')}")
-        lines.append(f"- **Latency**: batch {_fmt(lat.get('batch'), 'd')}, {shape}, "
-                     f"{_fmt(lat.get('threads'), 'd')} threads, {_fmt(lat.get('warmup'), 'd')} warmup, "
-                     f"{_fmt(lat.get('runs'), 'd')} runs")
+                 else f"seq {fmt(lat.get('seq'), 'd')}")
+        lines.append(f"- **Latency**: batch {fmt(lat.get('batch'), 'd')}, {shape}, "
+                     f"{fmt(lat.get('threads'), 'd')} threads, {fmt(lat.get('warmup'), 'd')} warmup, "
+                     f"{fmt(lat.get('runs'), 'd')} runs")
     if lat and _has_generation(report.get("stages") or []):
-        lines.append(f"- **Generation** (KV cache, greedy): prompt {_fmt(lat.get('prompt_tokens'), 'd')} real tokens, "
-                     f"{_fmt(lat.get('new_tokens'), 'd')} new tokens, median of {_fmt(lat.get('generate_runs'), 'd')} runs; "
+        lines.append(f"- **Generation** (KV cache, greedy): prompt {fmt(lat.get('prompt_tokens'), 'd')} real tokens, "
+                     f"{fmt(lat.get('new_tokens'), 'd')} new tokens, median of {fmt(lat.get('generate_runs'), 'd')} runs; "
                      f"TTFT = prompt step + first token, tok/s = decode tokens after the first / their time")
     final = report.get("final") or {}
     if final:
@@ -110,7 +122,7 @@ def _title_lines(report: dict) -> list[str]:
 
 
 def _ratio(num: Any, den: Any) -> float | None:
-    return num / den if _is_num(num) and _is_num(den) and den else None
+    return num / den if is_num(num) and is_num(den) and den else None
 
 
 def _relative_line(stages: list[dict]) -> str:
@@ -118,7 +130,7 @@ def _relative_line(stages: list[dict]) -> str:
     first, last = stages[0], stages[-1]
     size = _ratio(last.get("bytes"), first.get("bytes"))
     size_txt = DASH if size is None else (
-        f"{size:.2f}x size ({_fmt(_mb(first.get('bytes')), '.1f')} MB → {_fmt(_mb(last.get('bytes')), '.1f')} MB)")
+        f"{size:.2f}x size ({fmt(mb(first.get('bytes')), '.1f')} MB → {fmt(mb(last.get('bytes')), '.1f')} MB)")
     speed = _ratio((first.get("latency_ms") or {}).get("p50"), (last.get("latency_ms") or {}).get("p50"))
     if speed is None:
         speed_txt = f"latency {DASH}"
@@ -126,92 +138,46 @@ def _relative_line(stages: list[dict]) -> str:
         speed_txt = f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
         speed_txt += " (p50)"
     fid = last.get("fidelity") or {}
-    fid_txt = ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in fid.items()) or f"fidelity {DASH}"
+    fid_txt = ", ".join(f"{k} {fmt(v, '.4f')}" for k, v in fid.items()) or f"fidelity {DASH}"
     return f"**Relative to input** (stage {last.get('index', '?')} {last.get('name', '?')}): " \
            f"{size_txt}; {speed_txt}; {fid_txt}"
 
 
-def _profile_lines(stage: dict) -> list[str]:
-    """A markdown section for one stage's runtime profile."""
-    prof = stage.get("profile") or {}
-    lines = [f"## Profile: stage {stage.get('index', '?')} {stage.get('name', '?')}", "",
-             f"- Throughput: {_fmt(prof.get('throughput_per_s'), ',.1f')} samples/s",
-             f"- Peak memory (RSS of a fresh process): {_fmt(prof.get('peak_rss_mb'), ',.1f')} MB, "
-             f"of which {_fmt(prof.get('model_mb'), ',.1f')} MB above the onnxruntime baseline (model + buffers)"]
-    if "bytes" in prof:
-        lines.append(f"- Model size: {_fmt(_mb(prof.get('bytes')), '.1f')} MB")
-    gen = prof.get("generation") or {}
-    if gen:
-        lines += [f"- Generation (prompt {_fmt(gen.get('prompt_tokens'), 'd')} tokens, {_fmt(gen.get('new_tokens'), 'd')} new, "
-                  f"median of {_fmt(gen.get('runs'), 'd')} runs): time to first token {_fmt(gen.get('ttft_ms'), ',.1f')} ms, "
-                  f"decode {_fmt(gen.get('tokens_per_s'), ',.1f')} tokens/s",
-                  f"- Peak memory while generating (fresh process): {_fmt(gen.get('peak_rss_mb'), ',.1f')} MB, "
-                  f"of which {_fmt(gen.get('model_mb'), ',.1f')} MB above the baseline"]
-    ops = prof.get("top_ops") or []
-    if ops:
-        rows = [[str(op.get("op", DASH)), _fmt(op.get("ms"), ".2f"),
-                 DASH if not _is_num(op.get("share")) else f"{op['share'] * 100:.1f}%"] for op in ops]
-        lines += ["", *_md_table(["op", "ms", "share"], rows)]
-    return lines + [""]
-
-
-def _riq_lines(stage: dict) -> list[str]:
-    """quant.riq's scale and per-tensor bin widths; export.riq's file."""
-    lines = [f"## RIQ: stage {stage.get('index', '?')} {stage.get('name', '?')}", ""]
-    riq, f = stage.get("riq"), stage.get("riq_file")
-    if riq:
-        lines += [f"- k = {_fmt(riq.get('k'), '.1f')} after {riq.get('evaluations', DASH)} evaluations "
-                  f"({_fmt(riq.get('search_seconds'), '.1f')} s); calibration cosine {_fmt(riq.get('calibration_cosine'), '.5f')} "
-                  f"(D = {riq.get('deviation', DASH)}); {_fmt(riq.get('entropy_bits_per_weight'), '.2f')} bits/weight "
-                  f"(entropy) over {_fmt(riq.get('quantized_params'), ',')} quantized weights"]
-    if f:
-        lines += [f"- model.riq: {_fmt(_mb(f.get('bytes')), '.2f')} MB, compression ratio {_fmt(f.get('ratio'), '.2f')}x "
-                  f"(32 x {_fmt(f.get('params'), ',')} params / file bits), encode {_fmt(f.get('encode_seconds'), '.2f')} s, "
-                  f"decode + bit-exact check {_fmt(f.get('decode_seconds'), '.2f')} s"]
-    layers = stage.get("riq_layers") or []
-    if layers:
-        rows = [[str(r["name"]), "x".join(map(str, r["shape"])), _fmt(r["delta"], ".3g"), str(r["symbols"]),
-                 _fmt(r["bits_per_weight"], ".2f"), f"{r['zeros'] * 100:.1f}%", str(r["fits"])] for r in layers]
-        lines += ["", *_md_table(["tensor", "shape", "bin width", "symbols", "bits/weight", "zeros", "codes fit"], rows)]
-    return lines + [""]
-
-
-def _weight_only_lines(stage: dict) -> list[str]:
-    """quant.weight_only's method and calibration; quant.int4's use of its codes."""
-    w = stage["weight_only"]
-    head = f"- stage {stage.get('index', '?')} {stage.get('name', '?')}: "
-    if "matmuls" in w:
-        return [head + f"{w['matmuls']} of the {w['layers']} layers quantized with {w['method']} written as MatMulNBits "
-                       "with their recorded codes" + ("" if w["matmuls"] == w["layers"] else
-                                                       " (the others changed after quantization: rounded to nearest)")]
-    calib = f", calibrated on {w['calibration_tokens']:,} training tokens" if w.get("calibration_tokens") else ""
-    return [head + f"{w['method']} int{w['bits']} (group {w['group_size']}, "
-                   f"{'symmetric' if w['symmetric'] else 'asymmetric'}) on {w['layers']} Linear layers{calib}"]
+def _pass_sections(stages: list[dict]) -> list[str]:
+    """Each stage's section from its pass's `PassSpec.report`, in stage order; then the sections passes
+    share (`report_group`), each heading once over its stages' lines, in order of first appearance."""
+    lines: list[str] = []
+    groups: dict[str, list[str]] = {}
+    for stage in stages:
+        spec = registry.find(str(stage.get("name")))  # None for stage 0 and for passes not registered here
+        if spec is None or spec.report is None:
+            continue
+        if spec.report_group:
+            groups.setdefault(spec.report_group, []).extend(spec.report(stage))
+        else:
+            lines += spec.report(stage)
+    for heading, body in groups.items():
+        if body:
+            lines += [f"## {heading}", "", *body, ""]
+    return lines
 
 
 def write_markdown(report: dict, path: Path) -> None:
-    """Write report.md: title, stage table, final-vs-input line and any profile sections."""
+    """Write report.md: title, stage table, final-vs-input line, then the passes' own sections."""
     stages = report.get("stages") or []
     lines = _title_lines(report)
     lines += ["## Stages", ""]
     if stages:
-        lines += _md_table(*_stage_table(report)) + ["", _relative_line(stages), ""]
+        lines += md_table(*_stage_table(report), left=("stage", "form")) + ["", _relative_line(stages), ""]
     else:
         lines += ["No stages recorded.", ""]
-    for stage in stages:
-        if stage.get("profile"):
-            lines += _profile_lines(stage)
-        if stage.get("riq") or stage.get("riq_file"):
-            lines += _riq_lines(stage)
-    quantized = [line for stage in stages if stage.get("weight_only") for line in _weight_only_lines(stage)]
-    if quantized:
-        lines += ["## Weight-only quantization", "", *quantized, ""]
+    lines += _pass_sections(stages)
     Path(path).write_text("\n".join(lines), encoding="utf-8")
 
 
 def _fidelity_axis(stages: list[dict]) -> tuple[str, str]:
     """(key, label) for the plots' fidelity axis: cosine if any stage has it, else top1."""
-    if any(_is_num((s.get("fidelity") or {}).get("cosine")) for s in stages):
+    if any(is_num((s.get("fidelity") or {}).get("cosine")) for s in stages):
         return "cosine", "cosine to input"
     return "top1", "top-1 agreement with input"
 
@@ -219,7 +185,7 @@ def _fidelity_axis(stages: list[dict]) -> tuple[str, str]:
 def _panel(ax: Any, stages: list[dict], xfn: Any, xlabel: str, fkey: str, flabel: str) -> None:
     """One scatter-and-line panel of x (from `xfn`) against fidelity, labelled per stage."""
     pts = [(xfn(s), (s.get("fidelity") or {}).get(fkey), s) for s in stages]
-    pts = [(x, y, s) for x, y, s in pts if _is_num(x) and _is_num(y)]
+    pts = [(x, y, s) for x, y, s in pts if is_num(x) and is_num(y)]
     ax.set_xlabel(xlabel)
     ax.set_ylabel(flabel)
     ax.grid(True, alpha=0.3)
@@ -248,7 +214,7 @@ def write_plot(report: dict, path: Path) -> None:
     fkey, flabel = _fidelity_axis(stages)
     fig = Figure(figsize=(11, 4.5), dpi=110)
     size_ax, lat_ax = fig.subplots(1, 2)
-    _panel(size_ax, stages, lambda s: _mb(s.get("bytes")), "size (MB)", fkey, flabel)
+    _panel(size_ax, stages, lambda s: mb(s.get("bytes")), "size (MB)", fkey, flabel)
     _panel(lat_ax, stages, lambda s: (s.get("latency_ms") or {}).get("p50"), "latency p50 (ms)",
            fkey, flabel)
     fig.suptitle(f"{report.get('model', '?')} ({report.get('kind', '?')})")

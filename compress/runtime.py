@@ -1,4 +1,5 @@
-"""Running a model in either form on tokenized text, with one output per kind:
+"""Running a model in either form on tokenized text, with one output per kind (the kind object,
+compress/kinds/, says what: `torch_output` / `onnx_output`):
 encoder -> sentence embeddings (batch, hidden), L2-normalised;
 classifier -> logits (batch, labels); causal-lm -> logits (batch, seq, vocab);
 image-classifier -> logits (batch, classes) of `pixel_values` (batch, 3, H, W) (compress/images.py).
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from compress import kinds
+from compress.kinds import ModelKind
 
 SESSION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."  # past_key_values.{i}.key -> present.{i}.key
@@ -90,27 +94,13 @@ def pool(hidden: np.ndarray, mask: np.ndarray, how: str) -> np.ndarray:
 
 
 class TorchRunner:
-    def __init__(self, model: Any, kind: str, pooling: str = "mean"):
-        self.model, self.kind, self.pooling = model.eval(), kind, pooling
+    """`kind`: a ModelKind or its name."""
+
+    def __init__(self, model: Any, kind: str | ModelKind, pooling: str = "mean"):
+        self.model, self.kind, self.pooling = model.eval(), kinds.get(kind), pooling
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        import torch
-
-        if self.kind == "image-classifier":
-            with torch.inference_mode():
-                out = self.model(torch.from_numpy(feed["pixel_values"]))
-            return getattr(out, "logits", out).float().numpy()
-        ids = torch.from_numpy(feed["input_ids"])
-        mask = torch.from_numpy(feed["attention_mask"])
-        kwargs = {}
-        if self.kind == "causal-lm":  # the positions the ONNX runner feeds, so left padding compares alike
-            pos = position_ids(feed["attention_mask"], ids.shape[1])
-            kwargs = {"use_cache": False, "position_ids": torch.from_numpy(pos)}
-        with torch.inference_mode():
-            if self.kind == "encoder":
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                return pool(hidden.float().numpy(), feed["attention_mask"], self.pooling)
-            return self.model(input_ids=ids, attention_mask=mask, **kwargs).logits.float().numpy()
+        return self.kind.torch_output(self.model, feed, self.pooling)
 
 
 def session(path: Path, threads: int | None = None, profile_prefix: str | None = None) -> Any:
@@ -149,15 +139,18 @@ def complete_feed(feed: dict[str, np.ndarray], inputs: list[str] | set[str] | di
 
 
 class OnnxRunner:
-    def __init__(self, path: Path | None, kind: str, pooling: str = "mean", threads: int | None = None, sess: Any = None):
+    """`kind`: a ModelKind or its name."""
+
+    def __init__(self, path: Path | None, kind: str | ModelKind, pooling: str = "mean", threads: int | None = None,
+                 sess: Any = None):
         self.sess = sess if sess is not None else session(path, threads)
-        self.kind, self.pooling = kind, pooling
+        self.kind, self.pooling = kinds.get(kind), pooling
         self.specs = input_specs(self.sess)
         self.inputs = list(self.specs)
         self.outputs = [o.name for o in self.sess.get_outputs()]
 
     @classmethod
-    def from_session(cls, sess: Any, kind: str, pooling: str = "mean") -> "OnnxRunner":
+    def from_session(cls, sess: Any, kind: str | ModelKind, pooling: str = "mean") -> "OnnxRunner":
         return cls(None, kind, pooling, sess=sess)
 
     def feed(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -167,12 +160,7 @@ class OnnxRunner:
         return dict(zip(self.outputs, self.sess.run(None, self.feed(feed))))
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        outs = self.raw(feed)
-        if self.kind == "encoder":
-            if "sentence_embedding" in outs:
-                return outs["sentence_embedding"]
-            return pool(outs.get("last_hidden_state", next(iter(outs.values()))), feed["attention_mask"], self.pooling)
-        return outs.get("logits", next(iter(outs.values())))
+        return self.kind.onnx_output(self.raw(feed), feed, self.pooling)
 
 
 def runner(state: Any, which: str = "model", threads: int | None = None) -> Any:

@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from compress import images, models
 from compress.profiling import external_files
 from compress.state import ModelState
 
@@ -60,13 +59,9 @@ def save(state: ModelState, sdir: Path, key: str) -> ModelState:
 
 
 def save_torch(state: ModelState, folder: Path) -> None:
-    """transformers models: save_pretrained (+ tokenizer); CNNs: weights + layer widths (images.save_module)."""
-    if state.kind == images.KIND:
-        images.save_module(state.model, folder)
-        return
-    state.model.save_pretrained(folder)
-    if state.tokenizer is not None:
-        state.tokenizer.save_pretrained(folder)
+    """As the kind's storage saves it: transformers models with save_pretrained (+ tokenizer); CNNs as
+    weights + layer widths (images.save_module)."""
+    state.kind.storage.save(state.model, state.tokenizer, folder)
 
 
 def _rel(path: Path | None, work: Path) -> dict | None:
@@ -93,12 +88,9 @@ def load_cached(sdir: Path, key: str, state: ModelState) -> ModelState | None:
         return state.with_record(rec)
     meta = dict(doc["meta"])
     if doc["form"] == "torch":
-        if state.kind == images.KIND:
-            if not images.can_reload(sdir / "model"):
-                return None  # a caller's own CNN class can't be rebuilt here: the pass runs again
-            model = images.load_module(sdir / "model")
-        else:
-            model, _, _ = models.load_hf(sdir / "model", state.meta.get("trust_remote_code", False))  # saved by us, same code
+        model = state.kind.storage.reload(sdir / "model", state.meta.get("trust_remote_code", False))
+        if model is None:
+            return None  # a caller's own CNN class can't be rebuilt here: the pass runs again
         new = replace(state, form="torch", model=model, path=None, meta=meta)
     else:
         loc = doc["path"]

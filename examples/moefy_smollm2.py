@@ -22,28 +22,28 @@ build's refit; an earlier build gave the 436 above) -> 230.5 after, 759 s of dis
 Prints parameters, held-out perplexity (the first --ppl-paragraphs lee_background paragraphs, 256
 tokens at most each, never in the wiki training text) of the dense model and of the reloaded MoE
 (and of the MoE before the distillation), the router's block-output errors, the distillation's
-loss and the wall time. The model lands in OUT/model."""
+loss and the wall time. The model lands in OUT/model. The fixture itself is `compress.fixtures.smollm2_moe`
+(the tests and the MoE benchmark import it); this is its command line."""
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 
-def _args(argv: list[str] | None) -> argparse.Namespace:
+def _options(argv: list[str] | None):
+    from compress.fixtures.smollm2_moe import Options
     from compress.passes.lib.moefy_refit import Distillation, Reconstruction
 
-    R, D = Reconstruction(), Distillation()
+    O, R, D = Options(), Reconstruction(), Distillation()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="dense Llama-family folder or alias (default smollm2)")
-    ap.add_argument("--data", default="wiki", help="training text (routers, refit, distillation): built-in corpus or text file")
+    ap.add_argument("--model", default=O.model, help="dense Llama-family folder or alias (default smollm2)")
+    ap.add_argument("--data", default=O.data, help="training text (routers, refit, distillation): built-in corpus or text file")
     ap.add_argument("-o", "--out", "--output", dest="out", required=True, help="output directory")
-    ap.add_argument("--experts", type=int, default=8, help="experts per layer (must divide the FFN width)")
-    ap.add_argument("--top-k", type=int, default=2, help="experts chosen per token")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--router-steps", type=int, default=300, help="Adam steps per layer's router (half CE, half MSE)")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens per layer (20%% held out)")
-    ap.add_argument("--cluster-on", choices=("activations", "weights"), default="activations")
+    ap.add_argument("--experts", type=int, default=O.experts, help="experts per layer (must divide the FFN width)")
+    ap.add_argument("--top-k", type=int, default=O.top_k, help="experts chosen per token")
+    ap.add_argument("--seed", type=int, default=O.seed)
+    ap.add_argument("--router-steps", type=int, default=O.router_steps, help="Adam steps per layer's router (half CE, half MSE)")
+    ap.add_argument("--max-tokens", type=int, default=O.max_tokens, help="calibration tokens per layer (20%% held out)")
+    ap.add_argument("--cluster-on", choices=("activations", "weights"), default=O.cluster_on)
     ap.add_argument("--recon-steps", type=int, default=R.steps, help="Adam steps per layer of block-wise reconstruction "
                     "after the least-squares down_proj refit (0: refit only)")
     ap.add_argument("--no-reconstruction", action="store_true", help="routers only: experts stay exact FFN slices")
@@ -57,117 +57,25 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kd-lr", type=float, default=D.lr, help="distillation peak learning rate")
     ap.add_argument("--kd-shared", action="store_true", help="distillation also trains attention, norms, embeddings")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (on busy cores 1 was ~10x faster than 2)")
-    ap.add_argument("--ppl-paragraphs", type=int, default=20, help="lee_background paragraphs for perplexity")
+    ap.add_argument("--ppl-paragraphs", type=int, default=O.ppl_paragraphs, help="lee_background paragraphs for perplexity")
     ap.add_argument("--fast", action="store_true", help="few tokens, steps and paragraphs (for tests)")
-    args = ap.parse_args(argv)
-    if args.fast:
-        args.router_steps, args.max_tokens, args.ppl_paragraphs = min(args.router_steps, 20), 256, 4
-        args.recon_steps, args.recon_tokens = min(args.recon_steps, 20), 1024
-        args.kd_steps, args.kd_batch = min(args.kd_steps, 4), min(args.kd_batch, 2)
-    return args
-
-
-def _reconstruction(args):
-    from compress.passes.lib.moefy import Reconstruction
-
-    if args.no_reconstruction:
-        return None
-    return Reconstruction(steps=args.recon_steps, tokens=args.recon_tokens, seq_len=32 if args.fast else 128,
-                          lr=args.recon_lr, target=args.recon_target, ridge=args.ridge)
-
-
-def _distillation(args):
-    from compress.passes.lib.moefy_refit import Distillation
-
-    return Distillation(steps=args.kd_steps, batch=args.kd_batch, seq_len=32 if args.fast else 128, lr=args.kd_lr,
-                        shared=args.kd_shared)
-
-
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _active_params(moe_model) -> int:
-    """Parameters one token uses: everything except the unchosen experts' weights."""
-    cfg = moe_model.config
-    experts = sum(p.numel() for n, p in moe_model.named_parameters() if ".experts." in n)
-    return _params(moe_model) - experts + experts * cfg.num_experts_per_tok // cfg.num_local_experts
-
-
-def _perplexity(model, tokenizer, paragraphs: int, max_length: int) -> float:
-    from compress.data import lee_background
-    from compress.evaluate import perplexity
-    from compress.runtime import TorchRunner
-
-    return perplexity(TorchRunner(model, "causal-lm"), tokenizer, lee_background()[:paragraphs], max_length)
+    a = ap.parse_args(argv)
+    recon = None if a.no_reconstruction else Reconstruction(steps=a.recon_steps, tokens=a.recon_tokens, lr=a.recon_lr,
+                                                            target=a.recon_target, ridge=a.ridge)
+    options = Options(model=a.model, data=a.data, experts=a.experts, top_k=a.top_k, seed=a.seed,
+                      router_steps=a.router_steps, max_tokens=a.max_tokens, cluster_on=a.cluster_on,
+                      reconstruction=recon, threads=a.threads, ppl_paragraphs=a.ppl_paragraphs,
+                      distillation=Distillation(steps=a.kd_steps, batch=a.kd_batch, lr=a.kd_lr, shared=a.kd_shared))
+    return a.out, options.fast() if a.fast else options
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-    from compress.data import load
-    from compress.models import load_hf, resolve
-    from compress.passes.lib.moefy import MoefyReport, moefy
-    from compress.passes.lib.moefy_refit import distill_moe
+    from compress.fixtures.smollm2_moe import build, print_summary
 
-    args, start = _args(argv), time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dense, tokenizer, _ = load_hf(resolve(args.model))
-    report, texts, max_length = MoefyReport(), load(args.data).train, 64 if args.fast else 256
-    moe_model = moefy(dense, texts, tokenizer, experts=args.experts, top_k=args.top_k,
-                      router_steps=args.router_steps, max_length=32 if args.fast else 128, seed=args.seed,
-                      max_tokens=args.max_tokens, cluster_on=args.cluster_on, reconstruction=_reconstruction(args),
-                      report=report)
-    kd = {}
-    if args.kd_steps > 0:  # as moefy(distillation=...) does, with the perplexity before it measured
-        kd = {"ppl_before_kd": _perplexity(moe_model, tokenizer, args.ppl_paragraphs, max_length),
-              "kd_start_s": time.perf_counter() - start}
-        kd.update({f"kd_{k}": v for k, v in distill_moe(dense, moe_model, tokenizer, texts, _distillation(args),
-                                                          args.seed).items() if k != "final_parts"})
-    folder = Path(args.out) / "model"
-    moe_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    reloaded, _, _ = load_hf(folder)  # AutoModelForCausalLM.from_pretrained, eager attention like the dense model
-    ids = torch.tensor([tokenizer("The router picks two experts per token.")["input_ids"]])
-    with torch.no_grad():
-        reload_diff = float((reloaded(input_ids=ids).logits - moe_model(input_ids=ids).logits).abs().max())
-    result = {
-        "out": str(folder), "experts": args.experts, "top_k": args.top_k, "seed": args.seed,
-        "params_dense": _params(dense), "params_moe": _params(reloaded), "params_active": _active_params(reloaded),
-        "ppl_paragraphs": args.ppl_paragraphs, "ppl_max_length": max_length,
-        "ppl_dense": _perplexity(dense, tokenizer, args.ppl_paragraphs, max_length),
-        "ppl_moe": _perplexity(reloaded, tokenizer, args.ppl_paragraphs, max_length),
-        **kd, "calibration_tokens": report.tokens, "router_steps": args.router_steps,
-        **{f"mean_{k}": report.mean(k) for k in ("error_init", "error_ce", "error_final", "error_oracle", "block_before",
-                                                  "block_refit", "block_after") if k in report.layers[0]},
-        "final_loss": report.mean("final_loss"), "all_experts_max_diff": report.all_experts_max_diff,
-        "reload_max_diff": reload_diff, "layers": report.layers, "wall_s": time.perf_counter() - start,
-    }
-    _print(result)
+    out, options = _options(argv)
+    result = build(out, options)
+    print_summary(result)
     return result
-
-
-def _print(r: dict) -> None:
-    print(f"saved {r['out']}: Mixtral, {r['experts']} experts, top-{r['top_k']}, seed {r['seed']}")
-    print(f"params: dense {r['params_dense']:,}  moe {r['params_moe']:,}  active per token {r['params_active']:,}")
-    print(f"perplexity on {r['ppl_paragraphs']} lee_background paragraphs (<= {r['ppl_max_length']} tokens): "
-          f"dense {r['ppl_dense']:.2f}  moe {r['ppl_moe']:.2f}")
-    print(f"relative block-output error (held-out tokens, mean over layers; {r['calibration_tokens']} calibration "
-          f"tokens, {r['router_steps']} steps): random router {r['mean_error_init']:.3f}  after CE "
-          f"{r.get('mean_error_ce', float('nan')):.3f}  after MSE {r['mean_error_final']:.3f}  "
-          f"norm-oracle {r['mean_error_oracle']:.3f}")
-    if "mean_block_after" in r:
-        print(f"block-wise reconstruction (held-out tokens of the MoE's own stream, target dense FFN): before "
-              f"{r['mean_block_before']:.3f}  after least-squares down_proj {r.get('mean_block_refit', float('nan')):.3f}  "
-              f"after Adam {r['mean_block_after']:.3f}")
-    if "kd_steps" in r:
-        print(f"end-to-end distillation ({r['kd_steps']} steps, {r['kd_rows']} packed rows, {r['kd_seconds']:.0f} s): "
-              f"logit KL {r['kd_first_loss']:.3f} -> {r['kd_final_loss']:.3f} (training loss, moving average); "
-              f"perplexity {r['ppl_before_kd']:.2f} -> {r['ppl_moe']:.2f}")
-    for i, row in enumerate(r["layers"]):
-        print(f"  layer {i:2d}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
-    print(f"all-experts parity max |logit diff| {r['all_experts_max_diff']:.2e}; reload max |logit diff| "
-          f"{r['reload_max_diff']:.2e}; wall {r['wall_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ values set directly; `DynamicLayer.update` then concatenates the new ones along 
 a Concat in the graph) and hands the model a ready 4D mask made of tensor ops only. transformers'
 own mask code sizes the mask from the cache length as a Python int, which a tracer would freeze;
 given a 4D mask it steps aside. Both exporters trace this wrapper; legacy is the default (it keeps
-the eager attention pattern ORT's optimizer knows, STACK.md). A tied embedding / lm_head matrix is
+the eager attention pattern ORT's optimizer knows, docs/install.md). A tied embedding / lm_head matrix is
 stored once (`share_tied_embedding`).
 
 Parity: on the held-out text batches as prompt steps (empty past), and on steps with 0, 1 and 7 past
@@ -249,7 +249,7 @@ def parity_feeds(model: Any, layout: Layout, tokenizer: Any, texts: list[str], m
     """Held-out text batches as prompt steps, then the CASES at batch 1 and 2; the last feed (batch 2,
     past 7, new 6) is the one the graph is traced on."""
     prompts = []
-    for feed in parity.feeds_from_texts(tokenizer, texts, max_length):
+    for feed in parity.text_feeds(tokenizer, texts, max_length):
         batch, seq = feed["input_ids"].shape
         prompts.append({**feed, "position_ids": position_ids(feed["attention_mask"], seq),
                         **_empty_past(model, layout, batch)})

@@ -2,12 +2,14 @@
 against PyTorch on held-out real inputs before it counts as done.
 
 BERT-family encoders export through the legacy (TorchScript) exporter with eager attention,
-the one path on which onnxruntime's transformer optimizer fuses Attention (STACK.md). Encoders
+the one path on which onnxruntime's transformer optimizer fuses Attention (docs/install.md). Encoders
 output `last_hidden_state` and the pooled, L2-normalised `sentence_embedding`; classifiers output
 `logits`. Causal LMs export with a KV cache by default (`cache=true`, see exporters/causal_lm.py:
 past_key_values inputs, present outputs, one graph for prompt and decode steps); with `cache=false`
 they output `logits` only. Image classifiers (compress/images.py): `pixel_values` (batch, 3, H, W) ->
-`logits`, dynamic batch, checked on held-out images. When to use: always, before any ONNX pass."""
+`logits`, dynamic batch, checked on held-out images. The model's kind (compress/kinds/) picks the route
+(`kind.export_onnx`: `export_tokens` or `export_pixels` below), the output names (`kind.onnx_outputs`) and
+what the traced wrapper computes (`kind.export_forward`). When to use: always, before any ONNX pass."""
 from __future__ import annotations
 
 import warnings
@@ -17,7 +19,9 @@ from pydantic import Field
 
 from compress.config import PassConfig
 from compress.context import PassContext
+from compress import kinds
 from compress.exporters import parity
+from compress.kinds import ModelKind
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
 
@@ -36,7 +40,7 @@ class ExportOnnx(PassConfig):
         "causal LMs: past_key_values inputs / present outputs for generation; ignored for encoders"))
 
 
-def _wrapper(model, kind: str, pooling: str):
+def _wrapper(model, kind: ModelKind, pooling: str):
     import torch
 
     class Wrapper(torch.nn.Module):
@@ -47,25 +51,16 @@ def _wrapper(model, kind: str, pooling: str):
             self.model = model
 
         def forward(self, input_ids, attention_mask):
-            if kind == "encoder":
-                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                if pooling == "cls":
-                    emb = hidden[:, 0]
-                else:  # one batched MatMul: cheaper in ORT than Mul over (batch, seq, hidden) + ReduceSum
-                    m = attention_mask.to(hidden.dtype).unsqueeze(1)  # (batch, 1, seq)
-                    emb = torch.bmm(m, hidden).squeeze(1) / m.sum(-1).clamp(min=1e-9)  # (batch, hidden)
-                return hidden, torch.nn.functional.normalize(emb, dim=-1)
-            extra = {"use_cache": False} if kind == "causal-lm" else {}
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+            return kind.export_forward(self.model, input_ids, attention_mask, pooling)
 
     return Wrapper().eval()
 
 
-def output_names(kind: str) -> list[str]:
-    return ["last_hidden_state", "sentence_embedding"] if kind == "encoder" else ["logits"]
+def output_names(kind: str | ModelKind) -> list[str]:
+    return list(kinds.get(kind).onnx_outputs)
 
 
-def _export(wrapper, feed: dict, path, kind: str, cfg: ExportOnnx) -> None:
+def _export(wrapper, feed: dict, path, kind: ModelKind, cfg: ExportOnnx) -> None:
     import torch
 
     args = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
@@ -86,7 +81,7 @@ def _export(wrapper, feed: dict, path, kind: str, cfg: ExportOnnx) -> None:
     prog.save(str(path), external_data=False)
 
 
-def _torch_outputs(wrapper, kind: str):
+def _torch_outputs(wrapper, kind: ModelKind):
     import torch
 
     def run(feed: dict) -> dict:
@@ -114,11 +109,12 @@ def _export_image(model, feeds: list[dict], path, cfg: ExportOnnx) -> None:
     prog.save(str(path), external_data=False)
 
 
-def _run_image(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
+def export_pixels(state: ModelState, cfg: ExportOnnx, ctx: PassContext) -> ModelState:
+    """An image classifier: pixel_values -> logits, checked against the module on held-out images."""
     from compress.runtime import OnnxRunner, TorchRunner
 
     model = state.model.eval()
-    feeds = parity.feeds_from_texts(None, state.data.eval, ctx.max_length)
+    feeds = state.kind.inputs.parity_feeds(None, state.data.eval, ctx.max_length)
     path = ctx.workdir / "model.onnx"
     _export_image(model, feeds, path, cfg)
     torch_logits = TorchRunner(model, state.kind)
@@ -132,27 +128,32 @@ def _run_image(state: ModelState, cfg: ExportOnnx, ctx) -> ModelState:
 
 
 def run(state: ModelState, cfg: ExportOnnx, ctx: PassContext) -> ModelState:
+    return state.kind.export_onnx(state, cfg, ctx)
+
+
+def export_tokens(state: ModelState, cfg: ExportOnnx, ctx: PassContext, cache: bool = False) -> ModelState:
+    """Token inputs -> the kind's `onnx_outputs`, checked against PyTorch on held-out text; `cache` (causal
+    LMs): the KV-cache graph of exporters/causal_lm.py instead."""
     from compress.runtime import OnnxRunner
 
-    if state.kind == "image-classifier":
-        return _run_image(state, cfg, ctx)
     model = state.model
-    previous = getattr(model.config, "_attn_implementation", None)
+    config = getattr(model, "config", None)  # a plain torch module fed token ids has none
+    previous = getattr(config, "_attn_implementation", None)
     if cfg.exporter == "legacy" and previous not in (None, "eager") and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # the pattern ORT's fusion recognises
-    experts = getattr(model.config, "_experts_implementation", None)
+    experts = getattr(config, "_experts_implementation", None)
     switch = experts not in (None, "batched_mm") and getattr(model, "_can_set_experts_implementation", lambda: False)()
-    if switch:  # MoE: grouped_mm traces to aten::histc (no ONNX op); batched_mm exports (STACK.md)
+    if switch:  # MoE: grouped_mm traces to aten::histc (no ONNX op); batched_mm exports (docs/install.md)
         model.set_experts_implementation("batched_mm")
     texts = state.data.eval if state.data else []
     try:
-        if state.kind == "causal-lm" and cfg.cache:
+        if cache:
             from compress.exporters import causal_lm
 
             path, rows = causal_lm.export(model, state.tokenizer, texts, cfg, ctx.workdir, ctx.max_length)
         else:
             wrapper = _wrapper(model, state.kind, state.meta.get("pooling", "mean"))
-            feeds = parity.feeds_from_texts(state.tokenizer, texts, ctx.max_length)
+            feeds = state.kind.inputs.parity_feeds(state.tokenizer, texts, ctx.max_length)
             path = ctx.workdir / "model.onnx"
             _export(wrapper, feeds[0], path, state.kind, cfg)
             rows = parity.check("export.onnx vs PyTorch", _torch_outputs(wrapper, state.kind),
@@ -163,7 +164,7 @@ def run(state: ModelState, cfg: ExportOnnx, ctx: PassContext) -> ModelState:
         if switch:
             model.set_experts_implementation(experts)
     ctx.notes["parity"] = rows
-    return state.with_file(path, "onnx", hf_config=model.config, exporter=cfg.exporter)
+    return state.with_file(path, "onnx", hf_config=config, exporter=cfg.exporter)
 
 
 PASS = PassSpec(name="export.onnx", config=ExportOnnx, run=run, takes=("torch",), gives="onnx", kinds=ALL_KINDS,

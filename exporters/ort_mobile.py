@@ -40,7 +40,7 @@ def run(state: ModelState, cfg: ExportOrt, ctx: PassContext) -> ModelState:
 
     dst = ctx.workdir / "model.ort"
     convert(state.path, dst, cfg.optimization)
-    feeds = parity.feeds_from_texts(state.tokenizer, state.data.eval if state.data else [], ctx.max_length)
+    feeds = state.kind.inputs.parity_feeds(state.tokenizer, state.data.eval if state.data else [], ctx.max_length)
     rows = parity.check("export.ort vs ONNX graph", OnnxRunner(state.path, state.kind).raw,
                         OnnxRunner(dst, state.kind).raw, feeds, cfg.atol, cfg.min_cosine)
     ctx.notes["parity"] = rows

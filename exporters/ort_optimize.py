@@ -69,7 +69,7 @@ def run(state: ModelState, cfg: OptimizeOrt, ctx: PassContext) -> ModelState:
     dst = ctx.workdir / "model.onnx"
     how = resolved_type(cfg, state.hf_config)
     fused = _fuse_bert(state.path, dst, state.hf_config, cfg) if how == "bert" else _generic(state.path, dst)
-    feeds = parity.feeds_from_texts(state.tokenizer, state.data.eval if state.data else [], ctx.max_length)
+    feeds = state.kind.inputs.parity_feeds(state.tokenizer, state.data.eval if state.data else [], ctx.max_length)
     before, after = OnnxRunner(state.path, state.kind), OnnxRunner(dst, state.kind)
     rows = parity.check("optimize.ort vs input graph", before.raw, after.raw, feeds, cfg.atol, cfg.min_cosine)
     ctx.notes.update(parity=rows, fused_ops=fused, optimizer=how)

@@ -47,12 +47,22 @@ def check(what: str, reference: Callable[[dict], dict], candidate: Callable[[dic
 
 def feeds_from_texts(tokenizer, texts: list[str], max_length: int) -> list[dict]:
     """Two batches of different sizes and lengths, so dynamic axes are exercised (images, an (N, 3,
-    H, W) array: batches of 2 and 3 images)."""
-    from compress.runtime import tokenize
-
+    H, W) array: batches of 2 and 3 images). (Passes ask the model's kind: `kind.inputs.parity_feeds`,
+    which is one of the two below.)"""
     if isinstance(texts, np.ndarray):
-        return [{"pixel_values": np.ascontiguousarray(texts[idx], dtype=np.float32)}
-                for idx in (np.arange(2) % len(texts), (2 + np.arange(3)) % len(texts))]
+        return image_feeds(texts)
+    return text_feeds(tokenizer, texts, max_length)
+
+
+def image_feeds(images: np.ndarray) -> list[dict]:
+    """Batches of 2 and 3 of the (N, 3, H, W) images (repeated when fewer) as pixel_values."""
+    return [{"pixel_values": np.ascontiguousarray(images[idx], dtype=np.float32)}
+            for idx in (np.arange(2) % len(images), (2 + np.arange(3)) % len(images))]
+
+
+def text_feeds(tokenizer, texts: list[str], max_length: int) -> list[dict]:
+    """Two token batches of different sizes and lengths; random ids without a tokenizer."""
+    from compress.runtime import tokenize
 
     if tokenizer is None:
         rng = np.random.default_rng(0)

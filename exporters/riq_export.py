@@ -41,6 +41,7 @@ from compress.context import PassContext
 from compress.errors import UserError
 from compress.exporters import riq_format
 from compress.registry import PassSpec
+from compress.report import fmt, mb, stage_label
 from compress.state import ModelState
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -133,15 +134,15 @@ def decode(path: Path, outdir: Path, weights: str = "float", overwrite: bool = F
     except riq_format.RiqFormatError as exc:
         raise UserError(str(exc)) from None
     seconds_read = time.perf_counter() - t0
-    kind = meta.get("kind", b"").decode(errors="replace")  # a crafted kind need not be UTF-8
-    if kind not in ("onnx", "transformers", "state_dict"):
-        raise UserError(f"'{path}' holds no model this version can rebuild (kind {kind!r}); was it written by export.riq?")
-    if kind != "onnx" and weights != "float":
+    held = meta.get("kind", b"").decode(errors="replace")  # what the file holds; a crafted value need not be UTF-8
+    if held not in ("onnx", "transformers", "state_dict"):
+        raise UserError(f"'{path}' holds no model this version can rebuild (kind {held!r}); was it written by export.riq?")
+    if held != "onnx" and weights != "float":
         raise UserError("int8 weights need a model quantized in the onnx form (quant.riq after export.onnx); "
-                        f"this file holds a torch {kind}: decode with --weights float")
+                        f"this file holds a torch {held}: decode with --weights float")
     tmp = outputs.fresh_temp(outdir, "decode")
     try:
-        info = _write_decoded(tmp, kind, tensors, meta, weights)
+        info = _write_decoded(tmp, held, tensors, meta, weights)
         for name in TOKENIZER_FILES:  # a run directory keeps the tokenizer beside the file, or in model/
             for src in (path.parent / name, path.parent / "model" / name):
                 if src.is_file() and not (tmp / name).exists():
@@ -149,13 +150,14 @@ def decode(path: Path, outdir: Path, weights: str = "float", overwrite: bool = F
         outputs.publish(tmp, outdir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {**info, "kind": kind, "read_seconds": seconds_read, "seconds": time.perf_counter() - t0}
+    return {**info, "kind": held, "read_seconds": seconds_read, "seconds": time.perf_counter() - t0}
 
 
-def _write_decoded(folder: Path, kind: str, tensors: list, meta: dict[str, bytes], weights: str) -> dict:
+def _write_decoded(folder: Path, held: str, tensors: list, meta: dict[str, bytes], weights: str) -> dict:
     """Writes the model into `folder` (a temp folder, renamed by decode() only on success) and
-    checks that it loads, so a crafted or mismatched file fails here with a UserError."""
-    if kind == "onnx":
+    checks that it loads, so a crafted or mismatched file fails here with a UserError. `held`: the
+    file's meta "kind" (onnx, transformers or state_dict)."""
+    if held == "onnx":
         import onnx
 
         if "model.onnx" not in meta:
@@ -167,13 +169,13 @@ def _write_decoded(folder: Path, kind: str, tensors: list, meta: dict[str, bytes
         return {"model": "model.onnx", "int8_tensors": n_int8}
     from safetensors.numpy import save_file
 
-    config = _config(meta) if kind == "transformers" or "config.json" in meta else None
+    config = _config(meta) if held == "transformers" or "config.json" in meta else None
     arrays = {t.name: t.weights() if isinstance(t, riq_format.CodedTensor) else t.array for t in tensors}
     save_file({n: np.ascontiguousarray(a) for n, a in arrays.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-    if kind == "transformers":
+    if held == "transformers":
         _check_transformers_loads(folder, tensors)
     return {"model": "." if config is not None else "model.safetensors", "int8_tensors": 0}
 
@@ -353,6 +355,17 @@ def _check_order(cfg: ExportRiq, form: str | None, earlier: list) -> list[str]:
     return problems
 
 
+def _report(stage: dict) -> list[str]:
+    """report.md's section for the `riq_file` note: the file's size, ratio and coding times."""
+    f = stage.get("riq_file")
+    if not f:
+        return []
+    return [f"## RIQ: {stage_label(stage)}", "",
+            f"- model.riq: {fmt(mb(f.get('bytes')), '.2f')} MB, compression ratio {fmt(f.get('ratio'), '.2f')}x "
+            f"(32 x {fmt(f.get('params'), ',')} params / file bits), encode {fmt(f.get('encode_seconds'), '.2f')} s, "
+            f"decode + bit-exact check {fmt(f.get('decode_seconds'), '.2f')} s", ""]
+
+
 PASS = PassSpec(name="export.riq", config=ExportRiq, run=run, takes=("torch", "onnx"), gives=None,
-                changes_model=lambda cfg: cfg.weights == "int8", check_order=_check_order,
+                changes_model=lambda cfg: cfg.weights == "int8", check_order=_check_order, report=_report,
                 summary="Write the entropy-coded .riq file of a quant.riq model (bit-exact decode checked); ratio in the report.")

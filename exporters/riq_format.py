@@ -404,11 +404,11 @@ def _check_meta(m, name: str) -> dict:
 
 
 def _check_tensor(t, i: int) -> dict:
-    kind = t.get("kind") if isinstance(t, dict) else None
+    coding = t.get("kind") if isinstance(t, dict) else None  # the entry's "kind": coded or raw
     keys = {"coded": ("kind", "name", "shape", "delta", "symbols", "alphabet", "table", "payload"),
-            "raw": ("kind", "name", "shape", "dtype", "payload")}.get(kind if isinstance(kind, str) else None)
+            "raw": ("kind", "name", "shape", "dtype", "payload")}.get(coding if isinstance(coding, str) else None)
     if keys is None:
-        raise RiqFormatError(f"inconsistent table: tensors[{i}].kind must be 'coded' or 'raw' (got {kind!r})")
+        raise RiqFormatError(f"inconsistent table: tensors[{i}].kind must be 'coded' or 'raw' (got {coding!r})")
     e = dict(zip(keys, _fields(t, keys, f"tensors[{i}]")))
     if not isinstance(e["name"], str) or not isinstance(e["shape"], list) or len(e["shape"]) > _MAX_DIMS:
         raise RiqFormatError(f"inconsistent table: tensors[{i}] needs a str name and a list shape of at most "
@@ -418,7 +418,7 @@ def _check_tensor(t, i: int) -> dict:
         raise RiqFormatError(f"inconsistent table: tensors[{i}]: {_shape_problem(e['shape'])}")
     e["payload"] = _check_blob(e["payload"], f"tensors[{i}].payload")
     n = math.prod(e["shape"])
-    if kind == "coded":
+    if coding == "coded":
         return _check_coded(e, i, n)
     if not isinstance(e["dtype"], str) or e["dtype"] not in _RAW_DTYPES:
         raise RiqFormatError(f"inconsistent table: tensors[{i}].dtype {e['dtype']!r} is not one of {sorted(_RAW_DTYPES)}")

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
+from torch import nn
 
 from compress.context import PassContext
+from compress.passes.lib import bare
 from compress.passes.lib.losses import LossWeights, Taid
 from compress.passes.lib.trainer import tokenized, train
 from compress.passes.lib.training import TrainingFields
@@ -65,47 +69,72 @@ TEXT_ONLY = ("w_hidden", "w_attention", "w_lm", "self_data", "prompt_tokens", "m
 
 
 def _check(cfg: DistillKD, info) -> list[str]:
-    if info.kind == "image-classifier":
+    if not info.kind.uses_tokenizer:  # an image classifier
         text_only = sorted(cfg.model_fields_set & set(TEXT_ONLY))
         return [f"{', '.join(text_only)}: for transformers only; an image classifier distils its logits "
                 "(w_output, temperature, taid)"] if text_only else []
-    if cfg.self_data and info.kind != "causal-lm":
+    if cfg.self_data and not info.kind.is_generative:
         return [f"self_data needs a causal LM (the input is a {info.kind})"]
     return []
 
 
-def _image_data(state: ModelState, cfg: DistillKD) -> tuple[dict, LossWeights, dict]:
+def _image_data(images, cfg: DistillKD) -> tuple[dict, LossWeights, dict]:
     """Logit KD on the training images (seeded batches of them; never the held-out photos)."""
     import torch
 
     weights = dataclasses.replace(cfg.loss_weights(), hidden=0.0, attention=0.0, lm=0.0)
-    return {"pixel_values": torch.from_numpy(state.data.train)}, weights, {"images": len(state.data.train)}
+    return {"pixel_values": torch.from_numpy(images)}, weights, {"images": len(images)}
 
 
-def _text_data(state: ModelState, cfg: DistillKD, student, ctx) -> tuple[dict, LossWeights, dict]:
-    t_heads = state.teacher.config.num_attention_heads
+def _text_data(teacher, tokenizer, texts: list[str], pooling: str, cfg: DistillKD, student,
+               console) -> tuple[dict, LossWeights, dict]:
+    t_heads = teacher.config.num_attention_heads
     if cfg.w_attention > 0 and student.config.num_attention_heads != t_heads:
         raise ValueError(f"w_attention needs the teacher's head count ({t_heads}); the student has "
                          f"{student.config.num_attention_heads} heads: set w_attention=0")
-    texts = state.data.train[: cfg.steps * cfg.batch_size]  # training part only, never held-out
+    texts = texts[: cfg.steps * cfg.batch_size]
     if cfg.self_data:
-        texts = regenerate(state.teacher, state.tokenizer, texts, cfg, ctx.console)
-    return (tokenized(state.tokenizer, texts, cfg.max_length), cfg.loss_weights(state.meta.get("pooling", "mean")),
+        texts = regenerate(teacher, tokenizer, texts, cfg, console)
+    return (tokenized(tokenizer, texts, cfg.max_length), cfg.loss_weights(pooling),
             {"texts": len(texts), "self_data": cfg.self_data})
 
 
+def apply(model: nn.Module, teacher: nn.Module, tokenizer: Any, data: Any, cfg: DistillKD | None = None, *,
+          notes: dict | None = None, workdir: Path | str | None = None, progress: bool = True, pooling: str = "mean",
+          kind: str | None = None, ctx: PassContext | None = None) -> nn.Module:
+    """Distil `teacher` into a copy of `model` (e.g. a pruned one): returns the trained copy in eval
+    mode; `model` and `teacher` keep their weights (the teacher is put in eval mode).
+
+    A transformers model: tokenizer, the model's; data: a list of training strings or a
+    `compress.data.TextData` (its train part only; the first steps x batch_size samples are used).
+    A CNN (no transformers config): tokenizer None; data: training images, a (N, channels, H, W)
+    float32 array or tensor preprocessed for it, or a `compress.images.ImageData`. cfg: default
+    `DistillKD()`. notes: a dict to receive notes["distill"] (losses, steps, seconds), what the
+    pipeline's report records. workdir: where checkpoints go while training (default: a temporary
+    folder, removed). progress: False for no progress bar. pooling: encoders: "mean" or "cls".
+    kind: default read from the model. ctx: the pipeline's context, given by run(); leave it None."""
+    cfg = cfg or DistillKD()
+    kind = bare.prepare(cfg, model, data, ctx, kind)
+    student = copy.deepcopy(model)
+    with bare.context(ctx, workdir, progress) as c:
+        if not kind.uses_tokenizer:  # an image classifier
+            tensors, weights, what = _image_data(bare.images(data, cfg.pass_name), cfg)
+        else:  # training part only, never held-out
+            texts = bare.texts(data, cfg.pass_name)
+            tensors, weights, what = _text_data(teacher, tokenizer, texts, pooling, cfg, student, c.console)
+        taid = Taid(cfg.taid_start) if cfg.taid else None
+        stats = train(student, teacher, kind, tensors, cfg.settings(), weights, c.workdir, c.key,
+                      c.console, taid=taid, resume=c.resume, label="distill")
+        (c.workdir / "checkpoint.pt").unlink(missing_ok=True)
+    if notes is not None:
+        notes["distill"] = {**stats, **what, "taid": cfg.taid}
+    return student.eval()
+
+
 def run(state: ModelState, cfg: DistillKD, ctx: PassContext) -> ModelState:
-    student = copy.deepcopy(state.model)
-    if state.kind == "image-classifier":
-        data, weights, what = _image_data(state, cfg)
-    else:
-        data, weights, what = _text_data(state, cfg, student, ctx)
-    taid = Taid(cfg.taid_start) if cfg.taid else None
-    stats = train(student, state.teacher, state.kind, data, cfg.settings(), weights, ctx.workdir, ctx.key,
-                  ctx.console, taid=taid, resume=ctx.resume, label="distill")
-    (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)
-    ctx.notes["distill"] = {**stats, **what, "taid": cfg.taid}
-    return state.with_torch(student.eval())
+    student = apply(state.model, state.teacher, state.tokenizer, state.data, cfg, notes=ctx.notes,
+                    pooling=state.meta.get("pooling", "mean"), kind=state.kind, ctx=ctx)
+    return state.with_torch(student)
 
 
 PASS = PassSpec(name="distill.kd", config=DistillKD, run=run, takes=("torch",), gives="torch", kinds=ALL_KINDS,

@@ -11,8 +11,9 @@ from pydantic import Field
 
 from compress.config import PassConfig
 from compress.context import PassContext
-from compress.profiling import LatencySettings, profile_file, prompt_ids, real_feed
+from compress.profiling import LatencySettings, profile_file
 from compress.registry import ALL_KINDS, PassSpec
+from compress.report import DASH, fmt, is_num, mb, md_table, stage_label
 from compress.state import ModelState
 
 
@@ -37,12 +38,38 @@ class Profile(PassConfig):
 def run(state: ModelState, cfg: Profile, ctx: PassContext) -> ModelState:
     settings = cfg.latency_settings()
     texts = state.data.eval if state.data else []
-    feed = real_feed(state.tokenizer, texts, settings.batch, settings.seq)
-    prompt = prompt_ids(state.tokenizer, texts, settings.prompt_tokens) if state.kind == "causal-lm" else None
+    feed = state.kind.inputs.latency_feed(state.tokenizer, texts, settings.batch, settings.seq)
+    prompt = state.kind.profile_prompt(state.tokenizer, texts, settings.prompt_tokens)  # causal LMs: generation timing
     with ctx.console.status(f"profiling {state.path.name} (batch {cfg.batch}, seq {cfg.seq}, {cfg.threads} threads)"):
         ctx.notes["profile"] = profile_file(state.path, state.kind, feed, settings, ctx.workdir, prompt=prompt)
     return state
 
 
+def _report(stage: dict) -> list[str]:
+    """report.md's section for the `profile` note: throughput, peak memory, generation, top ops."""
+    prof = stage.get("profile") or {}
+    if not prof:
+        return []
+    lines = [f"## Profile: {stage_label(stage)}", "",
+             f"- Throughput: {fmt(prof.get('throughput_per_s'), ',.1f')} samples/s",
+             f"- Peak memory (RSS of a fresh process): {fmt(prof.get('peak_rss_mb'), ',.1f')} MB, "
+             f"of which {fmt(prof.get('model_mb'), ',.1f')} MB above the onnxruntime baseline (model + buffers)"]
+    if "bytes" in prof:
+        lines.append(f"- Model size: {fmt(mb(prof.get('bytes')), '.1f')} MB")
+    gen = prof.get("generation") or {}
+    if gen:
+        lines += [f"- Generation (prompt {fmt(gen.get('prompt_tokens'), 'd')} tokens, {fmt(gen.get('new_tokens'), 'd')} new, "
+                  f"median of {fmt(gen.get('runs'), 'd')} runs): time to first token {fmt(gen.get('ttft_ms'), ',.1f')} ms, "
+                  f"decode {fmt(gen.get('tokens_per_s'), ',.1f')} tokens/s",
+                  f"- Peak memory while generating (fresh process): {fmt(gen.get('peak_rss_mb'), ',.1f')} MB, "
+                  f"of which {fmt(gen.get('model_mb'), ',.1f')} MB above the baseline"]
+    ops = prof.get("top_ops") or []
+    if ops:
+        rows = [[str(op.get("op", DASH)), fmt(op.get("ms"), ".2f"),
+                 DASH if not is_num(op.get("share")) else f"{op['share'] * 100:.1f}%"] for op in ops]
+        lines += ["", *md_table(["op", "ms", "share"], rows, left=("op",))]
+    return lines + [""]
+
+
 PASS = PassSpec(name="profile", config=Profile, run=run, takes=("onnx", "ort"), gives=None, changes_model=False, kinds=ALL_KINDS,
-                summary="Latency p50/p90/p99, throughput, peak memory, size, top ops; TTFT and tokens/s for LLMs (onnxruntime).")
+                report=_report, summary="Latency p50/p90/p99, throughput, peak memory, size, top ops; TTFT and tokens/s for LLMs (onnxruntime).")

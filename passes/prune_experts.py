@@ -29,21 +29,22 @@ the kept expert's (linear assignment on weight similarity), then the weights are
 weighted by routing frequency. Shared experts (Qwen2-MoE, DeepSeek-V3) are never touched.
 
 When to use: to shrink an MoE model's storage roughly in proportion to the experts removed; follow
-with distill.kd to recover quality (paper numbers in METHODS.md)."""
+with distill.kd to recover quality (papers and measured numbers in docs/methods.md)."""
 from __future__ import annotations
 
 import copy
 import itertools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
+from torch import nn
 
 from compress.config import PassConfig
 from compress.context import PassContext
 from compress.errors import ConfigError, UserError
-from compress.passes.lib import moe
+from compress.passes.lib import bare, moe
 from compress.registry import PassSpec
 from compress.state import ModelState
 
@@ -224,14 +225,14 @@ def merge_dropped(block, arch: moe.MoeArch, stats: moe.LayerStats, kept: torch.T
     return pairs
 
 
-def _calibrate(model, arch: moe.MoeArch, state: ModelState, cfg: PruneExperts) -> list[moe.LayerStats]:
+def _calibrate(model, arch: moe.MoeArch, tokenizer, data, cfg: PruneExperts) -> list[moe.LayerStats]:
     from compress.runtime import batches
 
-    texts = state.data.train[: cfg.calibration_samples] if state.data else []
-    if not texts:
+    if data is None:
         raise UserError("prune.experts needs calibration text: give --data FILE or a built-in corpus")
+    texts = bare.texts(data, cfg.pass_name)[: cfg.calibration_samples]
     n_batches = max(1, math.ceil(len(texts) / 8))
-    feeds = batches(state.tokenizer, texts, cfg.max_length, batch_size=8)
+    feeds = batches(tokenizer, texts, cfg.max_length, batch_size=8)
     return moe.calibrate(model.eval(), arch, feeds, math.ceil(cfg.reconstruction_tokens / n_batches))
 
 
@@ -243,7 +244,8 @@ def _prune_layer(block, arch, stats, protected, cfg: PruneExperts, counts: dict,
     else:
         keep = choose(scores(cfg.method, stats, gen), kept, protected, groups[0])
     merged = merge_dropped(block, arch, stats, keep, protected) if cfg.merge else []
-    outputs = moe.all_outputs(block, arch, layer.x) if merged else None  # kept experts changed
+    with torch.no_grad():  # a measurement: no autograd graph (float() of a grad tensor warns)
+        outputs = moe.all_outputs(block, arch, layer.x) if merged else None  # kept experts changed
     error = layer.relative_error(_mask(keep.tolist(), stats.experts), top_k_after, outputs)
     moe.slice_block(block, arch, keep, top_k_after)
     return {"kept": keep.tolist(), "dropped": sorted(set(range(stats.experts)) - set(keep.tolist())),
@@ -251,8 +253,18 @@ def _prune_layer(block, arch, stats, protected, cfg: PruneExperts, counts: dict,
             "tokens_routed": stats.freq.long().tolist(), "max_abs_down_proj": [round(float(v), 4) for v in stats.max_abs]}
 
 
-def run(state: ModelState, cfg: PruneExperts, ctx: PassContext) -> ModelState:
-    model = copy.deepcopy(state.model)
+def apply(model: nn.Module, tokenizer: Any, data: Any, cfg: PruneExperts | None = None, *,
+          notes: dict | None = None) -> nn.Module:
+    """Expert pruning of a bare MoE model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3): returns a new
+    model in eval mode with cfg.keep experts in every MoE layer; `model` is left as it is.
+
+    tokenizer: the model's. data: calibration text, a list of strings or a `compress.data.TextData`
+    (its train part; the first cfg.calibration_samples are run). cfg: default `PruneExperts()`.
+    notes: a dict to receive notes["experts"] (per-layer kept / dropped / protected experts and
+    reconstruction errors), what the pipeline's report records. No progress output and no files:
+    calibration is a few forward passes."""
+    cfg = cfg or PruneExperts()
+    model = copy.deepcopy(model)
     arch = moe.arch_of(model.config)
     experts, top_k = moe.experts_of(model.config, arch), int(getattr(model.config, arch.topk_key))
     kept, groups = kept_count(experts, cfg.keep), moe.groups_of(model.config, arch)
@@ -262,7 +274,7 @@ def run(state: ModelState, cfg: PruneExperts, ctx: PassContext) -> ModelState:
     if not moe.blocks(model, arch):
         raise UserError(f"the {arch.name} model has no layer with routed experts (num_experts 0 or mlp_only_layers?)")
     before = sum(p.numel() for p in model.parameters())
-    stats = _calibrate(model, arch, state, cfg)
+    stats = _calibrate(model, arch, tokenizer, data, cfg)
     protected = super_experts(stats) if cfg.protect_super_experts else [set() for _ in stats]
     needed = room_for_protected(kept, protected, experts, groups[0])
     counts = {"kept": needed, "top_k": top_k, "top_k_after": moe.top_k_after(model.config, arch, needed), "groups": groups}
@@ -271,14 +283,19 @@ def run(state: ModelState, cfg: PruneExperts, ctx: PassContext) -> ModelState:
     for (i, block), layer_stats, prot in zip(moe.blocks(model, arch), stats, protected):
         layers[str(i)] = _prune_layer(block, arch, layer_stats, prot, cfg, counts, gen)
     moe.set_counts(model, arch, needed, counts["top_k_after"])
-    ctx.notes["experts"] = {
+    notes = notes if notes is not None else {}
+    notes["experts"] = {
         "architecture": arch.name, "method": cfg.method, "merge": cfg.merge,
         "before": {"experts": experts, "top_k": top_k, "params": before},
         "after": {"experts": needed, "top_k": counts["top_k_after"], "params": sum(p.numel() for p in model.parameters())},
         "protection": (f"super experts need {needed} experts per layer, more than keep={cfg.keep} gives ({kept}): "
                        f"every layer keeps {needed}") if needed > kept else None,
         "layers": layers}
-    return state.with_torch(model.eval())
+    return model.eval()
+
+
+def run(state: ModelState, cfg: PruneExperts, ctx: PassContext) -> ModelState:
+    return state.with_torch(apply(state.model, state.tokenizer, state.data, cfg, notes=ctx.notes))
 
 
 def _check(cfg: PruneExperts, info) -> list[str]:

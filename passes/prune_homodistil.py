@@ -14,12 +14,15 @@ baseline and the route for other architectures."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
 from compress.context import PassContext
-from compress.passes.lib import prunable
+from compress.passes.lib import bare, prunable
 from compress.passes.lib.trainer import Callbacks, TrainSettings, tokenized, train
 from compress.passes.lib.training import TrainingFields
 from compress.registry import PassSpec
@@ -143,27 +146,52 @@ def _tie_break(scores: list[torch.Tensor], magnitude: list[torch.Tensor]) -> lis
     return out
 
 
-def run(state: ModelState, cfg: HomoDistil, ctx: PassContext) -> ModelState:
-    student = copy.deepcopy(state.model)
+def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any, cfg: HomoDistil | None = None, *,
+          notes: dict | None = None, workdir: Path | str | None = None, progress: bool = True, pooling: str = "mean",
+          kind: str | None = None, ctx: PassContext | None = None) -> nn.Module:
+    """HomoDistil on a bare transformers model (BERT or Llama family): returns a new, pruned model in
+    eval mode; `model` and `teacher` keep their weights (the teacher is put in eval mode).
+
+    teacher: the model to distil from; None = an untouched copy of `model` (what the pipeline does
+    when this is the first pass). tokenizer: the model's. data: a list of training strings, or a
+    `compress.data.TextData` (its train part only). cfg: default `HomoDistil()`.
+    notes: a dict to receive notes["pruning"] (shapes and parameters before / after, training
+    stats), what the pipeline's report records. workdir: where checkpoints go while training
+    (default: a temporary folder, removed). progress: False for no progress bar. pooling: encoders:
+    "mean" or "cls", how the embedding the output loss compares is pooled. kind: "encoder",
+    "classifier" or "causal-lm" (default: read from the model's config). ctx: the pipeline's
+    context, given by run(); leave it None."""
+    cfg = cfg or HomoDistil()
+    kind = bare.prepare(cfg, model, data, ctx, kind)
+    texts = bare.texts(data, cfg.pass_name)  # training part only, never held-out
+    teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
+    student = copy.deepcopy(model)
     fam, geo = prunable.family_of(student.config), prunable.Geometry.of(student.config)
     cfg = prunable.targets(cfg, student, fam, geo)
     before = sum(p.numel() for p in student.parameters())
     callbacks = Platon(student, cfg, fam, geo)
-    data = tokenized(state.tokenizer, state.data.train, cfg.max_length)  # training part only, never held-out
+    tokens = tokenized(tokenizer, texts, cfg.max_length)
     # Before anything is pruned the student equals the teacher and the loss (so every gradient) is 0:
     # dropout during the warm-up gives PLATON a loss to measure sensitivity on (the paper fine-tunes
     # with dropout on throughout).
     settings = cfg.settings(dropout_steps=callbacks.t_i)
-    stats = train(student, state.teacher, state.kind, data, settings, cfg.loss_weights(state.meta.get("pooling", "mean")),
-                  ctx.workdir, ctx.key,
-                  ctx.console, callbacks, resume=ctx.resume, label="homodistil")
+    with bare.context(ctx, workdir, progress) as c:
+        stats = train(student, teacher, kind, tokens, settings, cfg.loss_weights(pooling), c.workdir, c.key,
+                      c.console, callbacks, resume=c.resume, label="homodistil")
+        (c.workdir / "checkpoint.pt").unlink(missing_ok=True)
     shape = prunable.slice_model(student, fam, geo, callbacks.masks)
-    (ctx.workdir / "checkpoint.pt").unlink(missing_ok=True)
     after = sum(p.numel() for p in student.parameters())
-    ctx.notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
+    if notes is not None:
+        notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
                             "after": {**shape, "params": after}, "train": stats,
                             "fractions": {"heads": cfg.heads, "ffn": cfg.ffn}}
-    return state.with_torch(student.eval())
+    return student.eval()
+
+
+def run(state: ModelState, cfg: HomoDistil, ctx: PassContext) -> ModelState:
+    student = apply(state.model, state.teacher, state.tokenizer, state.data, cfg, notes=ctx.notes,
+                    pooling=state.meta.get("pooling", "mean"), kind=state.kind, ctx=ctx)
+    return state.with_torch(student)
 
 
 PASS = PassSpec(name="prune.homodistil", config=HomoDistil, run=run, takes=("torch",), gives="torch",

@@ -42,7 +42,7 @@ activation 0.588, magnitude 0.501, random 0.473."""
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -50,8 +50,8 @@ from torch import nn
 
 from compress.config import PassConfig
 from compress.context import PassContext
-from compress.images import KIND as IMAGE
-from compress.passes.lib import channels, prunable
+from compress import kinds
+from compress.passes.lib import bare, channels, prunable
 from compress.passes.lib.trainer import tokenized
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
@@ -77,8 +77,8 @@ class PruneStructured(PassConfig):
         "blocks of 8 channels; odd widths can be slower than the unpruned net); 1 = no rounding"))
 
 
-def _taylor_scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, torch.Tensor]:
-    data = tokenized(state.tokenizer, state.data.train[: cfg.taylor_batches * 8], cfg.max_length)
+def _taylor_scores(model, tokenizer, texts: list[str], cfg: PruneStructured) -> dict[int, torch.Tensor]:
+    data = tokenized(tokenizer, texts[: cfg.taylor_batches * 8], cfg.max_length)
     model.zero_grad(set_to_none=True)
     for i in range(0, data["input_ids"].shape[0], 8):
         ids, mask = data["input_ids"][i:i + 8].to(model.device), data["attention_mask"][i:i + 8].to(model.device)
@@ -90,10 +90,11 @@ def _taylor_scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, 
 
 
 @torch.no_grad()
-def _mean_squares(model, state: ModelState, cfg: PruneStructured, inputs: list[nn.Linear]) -> list[torch.Tensor]:
+def _mean_squares(model, tokenizer, texts: list[str], kind: str, cfg: PruneStructured,
+                  inputs: list[nn.Linear]) -> list[torch.Tensor]:
     """Mean of x_c^2 over the real (unpadded) calibration tokens, for every input column c of each
     linear in `inputs`, from forward pre-hooks; training text only, never the held-out split."""
-    data = tokenized(state.tokenizer, state.data.train[: cfg.calibration_batches * 8], cfg.max_length)
+    data = tokenized(tokenizer, texts[: cfg.calibration_batches * 8], cfg.max_length)
     sums = [torch.zeros(lin.in_features, dtype=torch.float64) for lin in inputs]
     real: list[torch.Tensor] = []  # the current batch's attention mask, flattened to (batch * seq,)
 
@@ -104,7 +105,7 @@ def _mean_squares(model, state: ModelState, cfg: PruneStructured, inputs: list[n
         return pre
 
     handles = [lin.register_forward_pre_hook(hook(i)) for i, lin in enumerate(inputs)]
-    extra = {"use_cache": False} if state.kind == "causal-lm" else {}
+    extra = kinds.get(kind).forward_kwargs()  # causal LMs: use_cache=False
     try:
         for b in range(0, data["input_ids"].shape[0], 8):
             ids, mask = data["input_ids"][b:b + 8].to(model.device), data["attention_mask"][b:b + 8].to(model.device)
@@ -117,7 +118,7 @@ def _mean_squares(model, state: ModelState, cfg: PruneStructured, inputs: list[n
     return [(total / tokens).float() for total in sums]
 
 
-def _activation_scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, torch.Tensor]:
+def _activation_scores(model, tokenizer, texts: list[str], kind: str, cfg: PruneStructured) -> dict[int, torch.Tensor]:
     """Per element of o and down: W[r, c]^2 * E[x_c^2], x the linear's input. unit_scores sums it over
     a neuron's down column (||W_down[:, j]||^2 E[h_j^2], the square of the FLAP / structured-Wanda
     score) and over the o columns of a kv group's query heads; q/k/v/up/gate get no score. Squares
@@ -125,48 +126,71 @@ def _activation_scores(model, state: ModelState, cfg: PruneStructured) -> dict[i
     fam = prunable.family_of(model.config)
     targets = [prunable.linears(layer, fam)[key] for layer in prunable.layers(model, fam) for key in ("o", "down")]
     model.eval()  # no dropout while measuring
-    means = _mean_squares(model, state, cfg, targets)
+    means = _mean_squares(model, tokenizer, texts, kind, cfg, targets)
     return {id(lin.weight): lin.weight.detach().float().pow(2) * mean.to(lin.weight.device)[None, :]
             for lin, mean in zip(targets, means)}  # (out_features, in_features)
 
 
-def _scores(model, state: ModelState, cfg: PruneStructured) -> dict[int, torch.Tensor]:
+def _scores(model, tokenizer, data, kind: str, cfg: PruneStructured) -> dict[int, torch.Tensor]:
     if cfg.importance == "taylor":
-        return _taylor_scores(model, state, cfg)
+        return _taylor_scores(model, tokenizer, bare.texts(data, cfg.pass_name), cfg)
     if cfg.importance == "activation":
-        return _activation_scores(model, state, cfg)
+        return _activation_scores(model, tokenizer, bare.texts(data, cfg.pass_name), kind, cfg)
     if cfg.importance == "random":
         g = torch.Generator().manual_seed(cfg.seed)
         return {id(p): torch.rand(p.shape, generator=g) for p in model.parameters()}
     return {id(p): p.detach() ** 2 for p in model.parameters()}  # unit score = squared L2 norm
 
 
-def run(state: ModelState, cfg: PruneStructured, ctx: PassContext) -> ModelState:
-    if state.kind == IMAGE:
-        with ctx.console.status(f"pruning {cfg.channels:.0%} of the channels ({cfg.importance}, Torch-Pruning)"):
-            model, ctx.notes["pruning"] = channels.prune(state, cfg.channels, cfg.importance, cfg.round_to,
-                                                               cfg.taylor_batches, cfg.seed)
-        return state.with_torch(model)
-    model = copy.deepcopy(state.model)
+def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: PruneStructured | None = None, *,
+          notes: dict | None = None, progress: bool = True, kind: str | None = None,
+          ctx: PassContext | None = None) -> nn.Module:
+    """One-shot structured pruning of a bare model: returns a new, pruned model in eval mode; `model`
+    is left as it is.
+
+    A transformers model (BERT or Llama family) loses heads / FFN neurons (cfg.heads, cfg.ffn or
+    cfg.params); tokenizer and data (a list of training strings or a `compress.data.TextData`, its
+    train part) are needed for importance=taylor / activation only. Any other nn.Module (a CNN)
+    loses channels (cfg.channels); data: its training images, a (N, channels, H, W) float32 array
+    or tensor preprocessed for it, or a `compress.images.ImageData` (one image is enough to trace
+    it; taylor uses taylor_batches x 8); tokenizer: None. cfg: default `PruneStructured()`.
+    notes: a dict to receive notes["pruning"] (what the pipeline's report records). progress: False
+    for no status line. kind: default read from the model (no transformers config: a CNN). ctx: the
+    pipeline's context, given by run(); leave it None."""
+    cfg = cfg or PruneStructured()
+    kind = bare.prepare(cfg, model, data, ctx, kind)
+    notes = notes if notes is not None else {}
+    if not kind.is_transformers:  # a CNN: channels through Torch-Pruning's dependency graph
+        with bare.context(ctx, None, progress) as c, \
+                c.console.status(f"pruning {cfg.channels:.0%} of the channels ({cfg.importance}, Torch-Pruning)"):
+            model, notes["pruning"] = channels.prune(model, bare.images(data, cfg.pass_name), cfg.channels,
+                                                     cfg.importance, cfg.round_to, cfg.taylor_batches, cfg.seed)
+        return model
+    model = copy.deepcopy(model)
     fam, geo = prunable.family_of(model.config), prunable.Geometry.of(model.config)
     cfg = prunable.targets(cfg, model, fam, geo)
     before = sum(p.numel() for p in model.parameters())
-    heads, ffn = prunable.unit_scores(model, fam, geo, _scores(model, state, cfg))
+    heads, ffn = prunable.unit_scores(model, fam, geo, _scores(model, tokenizer, data, kind, cfg))
     keep_heads, keep_ffn = prunable.keep_count(geo.kv_heads, cfg.heads), prunable.keep_count(geo.ffn, cfg.ffn)
     shape = prunable.slice_model(model, fam, geo, prunable.top_masks(heads, ffn, keep_heads, keep_ffn))
-    ctx.notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
-                            "after": {**shape, "params": sum(p.numel() for p in model.parameters())},
-                            "importance": cfg.importance, "fractions": {"heads": cfg.heads, "ffn": cfg.ffn}}
-    return state.with_torch(model.eval())
+    notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
+                        "after": {**shape, "params": sum(p.numel() for p in model.parameters())},
+                        "importance": cfg.importance, "fractions": {"heads": cfg.heads, "ffn": cfg.ffn}}
+    return model.eval()
+
+
+def run(state: ModelState, cfg: PruneStructured, ctx: PassContext) -> ModelState:
+    return state.with_torch(apply(state.model, state.tokenizer, state.data, cfg, notes=ctx.notes, kind=state.kind,
+                                  ctx=ctx))
 
 
 def _check(cfg: PruneStructured, info) -> list[str]:
-    if info.kind == IMAGE:
+    if not info.kind.is_transformers:  # a CNN
         return channels.check(cfg, info)
     problems = prunable.check_supported(info)
     if cfg.channels > 0:
         problems.append("channels applies to CNNs (Torch-Pruning); prune a transformer with heads and ffn")
-    if cfg.importance == "taylor" and info.kind != "causal-lm":
+    if cfg.importance == "taylor" and not info.kind.is_generative:
         problems.append(f"importance=taylor needs a causal LM's loss (the input is a {info.kind}); use magnitude")
     if cfg.heads == 0 and cfg.ffn == 0 and cfg.params is None:
         problems.append("nothing to prune: set heads and/or ffn above 0, or a params budget")

@@ -35,6 +35,7 @@ from compress.context import PassContext
 from compress.passes.lib.quiet import quiet_root_logger
 from compress.passes.lib.selection import Patterns, matching_nodes
 from compress.registry import PassSpec
+from compress.report import stage_label
 from compress.state import ModelState
 
 TRANSPOSE_HIDDEN_LAST = [1, 2, 0]  # (hidden, batch, seq) -> (batch, seq, hidden): a Gather on axis 1
@@ -398,5 +399,17 @@ def _check_order(cfg: QuantInt4, form: str | None, earlier: list) -> list[str]:
     return []
 
 
+def _report(stage: dict) -> list[str]:
+    """The `weight_only` note: how many layers quant.weight_only quantized were written with their codes, under
+    the heading quant.weight_only's line has (the two describe one quantization)."""
+    w = stage.get("weight_only")
+    if not w:
+        return []
+    rest = "" if w["matmuls"] == w["layers"] else " (the others changed after quantization: rounded to nearest)"
+    return [f"- {stage_label(stage)}: {w['matmuls']} of the {w['layers']} layers quantized with {w['method']} written as "
+            f"MatMulNBits with their recorded codes{rest}"]
+
+
 PASS = PassSpec(name="quant.int4", config=QuantInt4, run=run, takes=("onnx",), gives="onnx", check_order=_check_order,
+                report=_report, report_group="Weight-only quantization",
                 summary="Weight-only int4 (MatMulNBits, block-wise scales) for MatMul weights; optionally embeddings.")

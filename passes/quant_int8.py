@@ -72,18 +72,13 @@ def _static(src, dst, cfg: QuantInt8, excluded: list[str], state: ModelState, ma
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from compress.runtime import complete_feed, tokenize
-
     shaped = workdir / "shape_inferred.onnx"
     _with_shapes(src, shaped)
     from compress.runtime import input_specs, session
 
     inputs = input_specs(session(src))  # a KV-cache graph's empty past takes its shape from the specs
     samples = state.data.train[: cfg.calibration_samples]
-    if state.kind == "image-classifier":
-        feeds = [{"pixel_values": image[None]} for image in samples]
-    else:  # fixed-length samples: the histogram calibrators need arrays of one shape
-        feeds = [complete_feed(tokenize(state.tokenizer, [t], max_length, pad_to_max=True), inputs) for t in samples]
+    feeds = state.kind.inputs.calibration_feeds(state.tokenizer, samples, max_length, inputs)  # one shape for all
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}

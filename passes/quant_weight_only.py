@@ -34,17 +34,20 @@ import contextlib
 import copy
 import logging
 import tempfile
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from compress.config import BlockSize, PassConfig
 from compress.context import PassContext
-from compress.passes.lib import prunable
+from compress.passes.lib import bare, prunable
 from compress.passes.lib.quantized import dequantize
 from compress.passes.lib.quiet import quiet_root_logger
 from compress.registry import PassSpec
+from compress.report import stage_label
 from compress.state import ModelState
 
 LLAMA = next(f for f in prunable.FAMILIES if f.name == "llama")  # the models AWQ's absorb map fits
@@ -160,31 +163,53 @@ def _to_linears(model: torch.nn.Module, group: int, biased: set[str]) -> dict[st
     return tensors
 
 
-def run(state: ModelState, cfg: QuantWeightOnly, ctx: PassContext) -> ModelState:
+def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: QuantWeightOnly | None = None, *,
+          notes: dict | None = None, workdir: Path | str | None = None, progress: bool = True,
+          kind: str | None = None, ctx: PassContext | None = None) -> nn.Module:
+    """Weight-only quantization of a bare transformers model's Linear layers (lm_head excluded):
+    returns a new float32 model in eval mode whose quantized weights are exactly
+    scale * (code - zero point); `model` is left as it is.
+
+    tokenizer and data (calibration text: a list of strings or a `compress.data.TextData`, its train
+    part) are needed for method gptq / awq only. cfg: default `QuantWeightOnly()` (gptq).
+    notes: a dict to receive notes["weight_only"] (method, bits, layers, calibration tokens), what
+    the pipeline's report records. workdir: when given, the codes, scales and zero points are
+    saved there as weight_only.safetensors ('<module name>.codes' / '.scales' / '.zero_points'),
+    the file quant.int4 writes as MatMulNBits; without it nothing is written. progress: False for no
+    status line. kind: default read from the model. ctx: the pipeline's context, given by run();
+    leave it None."""
     from safetensors.torch import save_file
 
+    cfg = cfg or QuantWeightOnly()
+    kind = bare.prepare(cfg, model, data, ctx, kind)
     if cfg.method == "awq":
-        awq_family(state.model.config)
-    model = copy.deepcopy(state.model).float().eval()
-    windows = None
-    if cfg.method != "rtn":
-        windows = calibration_windows(state.tokenizer, state.data.train, cfg.samples, cfg.max_length)
-        ctx.console.print(f"quant.weight_only: {cfg.method} calibration on {windows.shape[0]} x {windows.shape[1]} "
-                          "training tokens")
-    with ctx.console.status(f"quant.weight_only: {cfg.method} over every Linear layer (minutes for a 100M-parameter LLM "
-                            "on a few cores)"):
-        model = _inc_quantize(model, cfg, windows, state.kind == "causal-lm")
-    biased = {name for name, m in state.model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
-    tensors = _to_linears(model, cfg.group_size, biased)
-    if not tensors:
-        raise ValueError("Neural Compressor quantized no Linear layer of this model (nothing to carry into MatMulNBits)")
-    path = ctx.workdir / CODES_FILE
-    save_file(tensors, str(path))
-    layers = len(tensors) // 3
-    ctx.notes["weight_only"] = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
-                                "symmetric": cfg.symmetric, "layers": layers,
+        awq_family(model.config)
+    biased = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    with bare.context(ctx, workdir, progress) as c:
+        windows = None
+        if cfg.method != "rtn":
+            windows = calibration_windows(tokenizer, bare.texts(data, cfg.pass_name), cfg.samples, cfg.max_length)
+            c.console.print(f"quant.weight_only: {cfg.method} calibration on {windows.shape[0]} x {windows.shape[1]} "
+                            "training tokens")
+        with c.console.status(f"quant.weight_only: {cfg.method} over every Linear layer (minutes for a 100M-parameter "
+                              "LLM on a few cores)"):
+            quantized = _inc_quantize(copy.deepcopy(model).float().eval(), cfg, windows, kind.is_generative)
+        tensors = _to_linears(quantized, cfg.group_size, biased)
+        if not tensors:
+            raise ValueError("Neural Compressor quantized no Linear layer of this model (nothing to carry into MatMulNBits)")
+        if ctx is not None or workdir is not None:
+            save_file(tensors, str(c.workdir / CODES_FILE))
+    if notes is not None:
+        notes["weight_only"] = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+                                "symmetric": cfg.symmetric, "layers": len(tensors) // 3,
                                 "calibration_tokens": 0 if windows is None else windows.numel()}
-    info = {"file": str(path), "bits": cfg.bits, "group_size": cfg.group_size, "method": cfg.method, "layers": layers}
+    return quantized
+
+
+def run(state: ModelState, cfg: QuantWeightOnly, ctx: PassContext) -> ModelState:
+    model = apply(state.model, state.tokenizer, state.data, cfg, notes=ctx.notes, kind=state.kind, ctx=ctx)
+    info = {"file": str(ctx.workdir / CODES_FILE), "bits": cfg.bits, "group_size": cfg.group_size,
+            "method": cfg.method, "layers": ctx.notes["weight_only"]["layers"]}
     return state.with_torch(model, weight_only=info)
 
 
@@ -213,6 +238,18 @@ def _check_order(cfg: QuantWeightOnly, form: str | None, earlier: list) -> list[
             "a second run fails; keep one quant.weight_only"]
 
 
+def _report(stage: dict) -> list[str]:
+    """report.md's line for the `weight_only` note: method, grid and calibration (under the heading it shares
+    with quant.int4, which says how many of these layers it wrote with their codes)."""
+    w = stage.get("weight_only")
+    if not w:
+        return []
+    calib = f", calibrated on {w['calibration_tokens']:,} training tokens" if w.get("calibration_tokens") else ""
+    return [f"- {stage_label(stage)}: {w['method']} int{w['bits']} (group {w['group_size']}, "
+            f"{'symmetric' if w['symmetric'] else 'asymmetric'}) on {w['layers']} Linear layers{calib}"]
+
+
 PASS = PassSpec(name="quant.weight_only", config=QuantWeightOnly, run=run, takes=("torch",), gives="torch",
                 needs_data=lambda cfg: cfg.method != "rtn", check=_check, check_order=_check_order,
+                report=_report, report_group="Weight-only quantization",
                 summary="Weight-only int4/int8 with Neural Compressor (RTN, GPTQ, AWQ); quant.int4 writes the codes as MatMulNBits.")

@@ -27,15 +27,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from pydantic import Field
 
 from compress.config import PassConfig
 from compress.context import PassContext
+from compress.passes.lib import bare
 from compress.passes.lib.selection import Patterns, matches
 from compress.registry import PassSpec
+from compress.report import DASH, fmt, md_table, stage_label
 from compress.state import ModelState
 
 EPS = 0.01
@@ -202,9 +204,12 @@ def _calibration_feeds(state: ModelState, cfg: QuantRiq, max_length: int) -> lis
     return list(batches(state.tokenizer, state.data.train[: cfg.calibration_samples], max_length))
 
 
-def _rows(kind: str, out: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Outputs compared by cosine: an embedding / logit vector per sample, per real token for an LM."""
-    return out[mask.astype(bool)] if kind == "causal-lm" else out.reshape(len(out), -1)
+def _rows(kind: Any, out: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Outputs compared by cosine (the kind's `output_rows`, a ModelKind or its name): an embedding /
+    logit vector per sample, per real token for an LM."""
+    from compress import kinds
+
+    return kinds.get(kind).output_rows(out, mask)
 
 
 def torch_tensors(model) -> dict[str, "object"]:
@@ -235,19 +240,19 @@ def quantize_module(model, outputs: Callable[[], np.ndarray], deviation: float =
     return quantize_model(originals, apply, outputs, deviation, progress)
 
 
-def _run_torch(state: ModelState, cfg: QuantRiq, feeds: list, progress) -> tuple[ModelState, dict]:
+def _run_torch(model, kind: str, pooling: str, cfg: QuantRiq, feeds: list, progress) -> tuple[Any, dict]:
     import copy
 
     from compress.runtime import TorchRunner
 
-    model = copy.deepcopy(state.model).eval()
-    run = TorchRunner(model, state.kind, state.meta.get("pooling", "mean"))
+    model = copy.deepcopy(model).eval()
+    run = TorchRunner(model, kind, pooling)
 
     def outputs() -> np.ndarray:
-        return np.concatenate([_rows(state.kind, run(f), f["attention_mask"]) for f in feeds])
+        return np.concatenate([_rows(kind, run(f), f["attention_mask"]) for f in feeds])
 
     result = quantize_module(model, outputs, cfg.deviation, cfg.include, cfg.exclude, progress)
-    return state.with_torch(model), result
+    return model, result
 
 
 def _run_onnx(state: ModelState, cfg: QuantRiq, feeds: list, progress, dst) -> tuple[ModelState, dict]:
@@ -283,27 +288,65 @@ def _run_onnx(state: ModelState, cfg: QuantRiq, feeds: list, progress, dst) -> t
     return state.with_file(dst, "onnx"), result
 
 
-def run(state: ModelState, cfg: QuantRiq, ctx: PassContext) -> ModelState:
-    feeds = _calibration_feeds(state, cfg, ctx.max_length)
-    with ctx.console.status(f"searching the RIQ scale k on {min(cfg.calibration_samples, len(state.data.train))} "
-                            f"training samples (D={cfg.deviation})") as status:
+def _search(console, cfg: QuantRiq, samples: int, search: Callable) -> Any:
+    """`search(progress)` under a status line that follows the k search."""
+    with console.status(f"searching the RIQ scale k on {samples} training samples (D={cfg.deviation})") as status:
         def progress(msg: str) -> None:
             status.update(f"searching the RIQ scale k: {msg}")
 
-        if state.form == "torch":
-            new, result = _run_torch(state, cfg, feeds, progress)
-        else:
-            new, result = _run_onnx(state, cfg, feeds, progress, ctx.workdir / "model.onnx")
-    ctx.notes["riq"] = {k: result[k] for k in ("k", "deviation", "calibration_cosine", "evaluations",
-                                                 "quantized_params", "entropy_bits_per_weight", "search_seconds")}
-    ctx.notes["riq"]["estimated_ratio"] = 32 / result["entropy_bits_per_weight"]
-    ctx.notes["riq_layers"] = result["layers"]
-    ctx.notes["riq_search"] = result["trace"]
-    ctx.console.print(f"    RIQ k={result['k']:.1f} after {result['evaluations']} evaluations: calibration cosine "
-                      f"{result['calibration_cosine']:.5f}, {result['entropy_bits_per_weight']:.2f} bits/weight (entropy)")
-    deltas = {name: float(d) for name, d in result["deltas"].items()}
-    return replace(new, meta={**new.meta, "riq": {"k": result["k"], "deviation": cfg.deviation, "form": new.form,
-                                                  "deltas": deltas}})
+        return search(progress)
+
+
+def _record(result: dict, notes: dict, console) -> None:
+    notes["riq"] = {k: result[k] for k in ("k", "deviation", "calibration_cosine", "evaluations",
+                                           "quantized_params", "entropy_bits_per_weight", "search_seconds")}
+    notes["riq"]["estimated_ratio"] = 32 / result["entropy_bits_per_weight"]
+    notes["riq_layers"] = result["layers"]
+    notes["riq_search"] = result["trace"]
+    console.print(f"    RIQ k={result['k']:.1f} after {result['evaluations']} evaluations: calibration cosine "
+                  f"{result['calibration_cosine']:.5f}, {result['entropy_bits_per_weight']:.2f} bits/weight (entropy)")
+
+
+def apply(model: Any, tokenizer: Any, data: Any, cfg: QuantRiq | None = None, *, notes: dict | None = None,
+          progress: bool = True, pooling: str = "mean", kind: str | None = None, ctx: PassContext | None = None) -> Any:
+    """RIQ on a bare transformers model (the torch form of quant.riq): returns a new model in eval
+    mode whose quantized tensors hold codes * delta (one bin width delta per tensor, codes
+    integers); `model` is left as it is.
+
+    tokenizer: the model's. data: calibration text, a list of strings or a `compress.data.TextData`
+    (its train part; the first cfg.calibration_samples, 128 tokens each). cfg: default `QuantRiq()`.
+    notes: a dict to receive notes["riq"] (k, calibration cosine, entropy bits per weight),
+    notes["riq_layers"] (per tensor: name, shape, delta, symbols, bits) and notes["riq_search"] (the
+    k trace), what the pipeline's report records. progress: False for no status line. pooling:
+    encoders: "mean" or "cls", how the embeddings compared are pooled. kind: default read from the
+    model. ctx: the pipeline's context, given by run(); leave it None.
+    For any other torch module (a CNN) call `quantize_module(model, outputs)` with your own outputs."""
+    from compress.runtime import batches
+
+    cfg = cfg or QuantRiq()
+    kind = bare.prepare(cfg, model, data, ctx, kind)
+    texts = bare.texts(data, cfg.pass_name)[: cfg.calibration_samples]  # training part only, never held-out
+    with bare.context(ctx, None, progress) as c:
+        feeds = list(batches(tokenizer, texts, c.max_length))
+        model, result = _search(c.console, cfg, len(texts), lambda p: _run_torch(model, kind, pooling, cfg, feeds, p))
+        _record(result, notes if notes is not None else {}, c.console)
+    return model
+
+
+def run(state: ModelState, cfg: QuantRiq, ctx: PassContext) -> ModelState:
+    if state.form == "torch":
+        new = state.with_torch(apply(state.model, state.tokenizer, state.data, cfg, notes=ctx.notes,
+                                     pooling=state.meta.get("pooling", "mean"), kind=state.kind, ctx=ctx))
+    else:
+        feeds = _calibration_feeds(state, cfg, ctx.max_length)
+        samples = min(cfg.calibration_samples, len(state.data.train))
+        new, result = _search(ctx.console, cfg, samples,
+                              lambda p: _run_onnx(state, cfg, feeds, p, ctx.workdir / "model.onnx"))
+        _record(result, ctx.notes, ctx.console)
+    # The layer table's delta is float(bin width), the value the codes are multiplied by on decode.
+    deltas = {row["name"]: row["delta"] for row in ctx.notes["riq_layers"]}
+    return replace(new, meta={**new.meta, "riq": {"k": ctx.notes["riq"]["k"], "deviation": cfg.deviation,
+                                                  "form": new.form, "deltas": deltas}})
 
 
 def _check_order(cfg: QuantRiq, form: str | None, earlier: list) -> list[str]:
@@ -320,6 +363,24 @@ def _check_order(cfg: QuantRiq, form: str | None, earlier: list) -> list[str]:
             f"fails: {fix}"]
 
 
+def _report(stage: dict) -> list[str]:
+    """report.md's section for the `riq` and `riq_layers` notes: the scale k found and each tensor's bin width."""
+    riq = stage.get("riq")
+    if not riq:
+        return []
+    lines = [f"## RIQ: {stage_label(stage)}", "",
+             f"- k = {fmt(riq.get('k'), '.1f')} after {riq.get('evaluations', DASH)} evaluations "
+             f"({fmt(riq.get('search_seconds'), '.1f')} s); calibration cosine {fmt(riq.get('calibration_cosine'), '.5f')} "
+             f"(D = {riq.get('deviation', DASH)}); {fmt(riq.get('entropy_bits_per_weight'), '.2f')} bits/weight "
+             f"(entropy) over {fmt(riq.get('quantized_params'), ',')} quantized weights"]
+    layers = stage.get("riq_layers") or []
+    if layers:
+        rows = [[str(r["name"]), "x".join(map(str, r["shape"])), fmt(r["delta"], ".3g"), str(r["symbols"]),
+                 fmt(r["bits_per_weight"], ".2f"), f"{r['zeros'] * 100:.1f}%", str(r["fits"])] for r in layers]
+        lines += ["", *md_table(["tensor", "shape", "bin width", "symbols", "bits/weight", "zeros", "codes fit"], rows)]
+    return lines + [""]
+
+
 PASS = PassSpec(name="quant.riq", config=QuantRiq, run=run, takes=("torch", "onnx"), gives=None,
-                needs_data=lambda cfg: True, check_order=_check_order,
+                needs_data=lambda cfg: True, check_order=_check_order, report=_report,
                 summary="RIQ mixed-precision quantization: one scale k, per-layer bin widths, meets an output deviation D.")

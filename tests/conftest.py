@@ -3,13 +3,11 @@ so the text is real), a small real-text data file, fast latency settings."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-warnings.filterwarnings("ignore", category=UserWarning)
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 

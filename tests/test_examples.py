@@ -11,7 +11,8 @@ from compress.recipe import default_recipe_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "examples").glob("*.yaml")) + [default_recipe_path()]
-# Benchmark fixtures with their own tests (test_cnn_examples.py, test_moefy.py): not encoder pipelines.
+# Command lines of the benchmark fixtures in compress.fixtures (tested in test_cnn_examples.py, test_moefy.py):
+# not encoder pipelines.
 FIXTURES = {"mnist_vgg.py", "efficientnet_images.py", "moefy_smollm2.py"}
 SCRIPTS = sorted(p for p in (ROOT / "examples").glob("*.py") if p.name not in FIXTURES)
 
@@ -42,6 +43,24 @@ def test_example_script_runs_on_tiny_model(path, tiny_bert, text_file, tmp_path)
         assert (tmp_path / "out" / "report.md").is_file()
     else:  # a training example
         assert result["final_loss"] is not None and (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_fixture_script_parses_its_command_line(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load(ROOT / "examples" / name).main(["--help"])
+
+    assert exc.value.code == 0 and "compress.fixtures." in capsys.readouterr().out
+
+
+def test_moefy_script_defaults_are_the_fixture_defaults():
+    from compress.fixtures.smollm2_moe import Options
+
+    script = _load(ROOT / "examples" / "moefy_smollm2.py")
+
+    assert script._options(["-o", "x"]) == ("x", Options())
+    assert script._options(["-o", "x", "--model", "m", "--fast"]) == ("x", Options(model="m").fast())
+    assert script._options(["-o", "x", "--no-reconstruction", "--kd-steps", "0"])[1].reconstruction is None
 
 
 def test_distill_runs_unchanged_under_accelerate_launch_with_two_processes(tiny_bert, text_file, tmp_path):

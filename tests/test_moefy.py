@@ -1,9 +1,6 @@
 """passes/lib/moefy.py and passes/lib/moefy_refit.py on the tiny Llama (hidden 32, 2 layers, FFN 64 -> 8 experts
-of 8 neurons, top-2) and examples/moefy_smollm2.py --fast."""
+of 8 neurons, top-2) and the MoE fixture (compress.fixtures.smollm2_moe, examples/moefy_smollm2.py) in its fast mode."""
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +10,6 @@ from compress.errors import UserError
 from compress.passes.lib import moefy as mf
 from compress.passes.lib import moefy_refit as rf
 
-ROOT = Path(__file__).resolve().parents[1]
 RECON = rf.Reconstruction(steps=60, tokens=2048, seq_len=32, lr=3e-3, batch=256)
 QUICK = dict(experts=8, top_k=2, router_steps=40, max_length=32, max_tokens=512, seed=0, reconstruction=RECON)
 
@@ -167,12 +163,10 @@ def test_prune_experts_runs_on_the_moefied_model(converted, dense, text_file, tm
     assert result.report["stages"][-1]["fidelity"]["top1"] > 0.3
 
 
-def test_example_builds_saves_and_reloads_on_tiny_llama(tiny_llama, tmp_path):
-    spec = importlib.util.spec_from_file_location("moefy_smollm2", ROOT / "examples" / "moefy_smollm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_fixture_builds_saves_and_reloads_on_tiny_llama(tiny_llama, tmp_path):
+    from compress.fixtures.smollm2_moe import Options, build
 
-    result = module.main(["--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--fast"])
+    result = build(tmp_path / "o", Options(model=str(tiny_llama)).fast())
 
     assert (tmp_path / "o" / "model" / "config.json").is_file() and result["reload_max_diff"] == 0.0
     assert result["params_moe"] == result["params_dense"] + 2 * 8 * 32  # + one (8, 32) router per layer

@@ -1,5 +1,5 @@
 """Smoke test of the default recipe on the real built-in MiniLM (runs in CI: about 2 minutes on
-2 cores). Expected numbers: DATA.md (Lee-50 0.505 for all-MiniLM-L6-v2) and the issue's goal of a
+2 cores). Expected numbers: docs/data.md (Lee-50 0.505 for all-MiniLM-L6-v2) and the issue's goal of a
 held-out cosine >= 0.98 for our int8 against the fp32 model."""
 from __future__ import annotations
 

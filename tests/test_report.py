@@ -148,3 +148,55 @@ def test_summary_table_one_row_per_stage(report: dict) -> None:
 def test_summary_table_classifier_columns(classifier_report: dict) -> None:
     headers = [c.header for c in summary_table(classifier_report).columns]
     assert "kl" in headers and "top1" in headers and "cosine" not in headers
+
+
+def _note_keys(path: Path) -> set[str]:
+    """Top-level keys a module writes into a stage's notes: `notes["k"] = ...`, `ctx.notes["k"]`,
+    `notes.update(k=...)`, `notes.setdefault("k", ...)`."""
+    import ast
+
+    def is_notes(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "notes") or (isinstance(node, ast.Attribute) and node.attr == "notes")
+
+    keys = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Subscript) and is_notes(node.value) and isinstance(node.slice, ast.Constant):
+            keys.add(node.slice.value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_notes(node.func.value):
+            keys |= {kw.arg for kw in node.keywords if kw.arg}
+            keys |= {a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+    return keys
+
+
+def test_report_py_knows_no_pass_note_key() -> None:
+    """Each pass renders its own notes (PassSpec.report); report.py only lays sections out, so a note
+    key written anywhere under passes/ or exporters/ must not appear as a string in report.py."""
+    import ast
+
+    import compress.report
+
+    root = Path(__file__).parents[1]
+    keys = set().union(*(_note_keys(p) for d in ("passes", "exporters") for p in (root / d).rglob("*.py")))
+    source = Path(compress.report.__file__).read_text(encoding="utf-8")
+    literals = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+    assert {"riq", "riq_file", "riq_layers", "weight_only", "profile", "parity", "pruning"} <= keys  # the scan works
+    assert not keys & literals, f"report.py formats pass notes itself: {sorted(keys & literals)}"
+
+
+def test_sections_come_from_their_passes_and_shared_headings_gather_their_stages(tmp_path: Path) -> None:
+    """quant.weight_only and quant.int4 share one heading, placed after the per-stage sections (profile's)."""
+    wo = {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False, "layers": 14, "calibration_tokens": 0}
+    stages = [_stage(0, "input", "torch"), _stage(1, "quant.weight_only", "torch", weight_only=wo),
+              _stage(2, "export.onnx", "onnx"),
+              _stage(3, "quant.int4", "onnx", weight_only={"method": "rtn", "matmuls": 14, "layers": 14}),
+              _stage(4, "profile", "onnx", profile={"throughput_per_s": 5.0, "peak_rss_mb": 9.0}),
+              _stage(5, "prune.heads", "onnx", profile={"throughput_per_s": 5.0})]  # not a pass: no section
+
+    write_markdown({"model": "m", "kind": "causal-lm", "stages": stages}, tmp_path / "report.md")
+
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("## Weight-only quantization") == 1 and text.count("## Profile") == 1
+    assert text.index("## Profile: stage 4 profile") < text.index("## Weight-only quantization")
+    assert ("## Weight-only quantization\n\n- stage 1 quant.weight_only: rtn int4 (group 32, asymmetric) on 14 Linear "
+            "layers\n- stage 3 quant.int4: 14 of the 14 layers quantized with rtn written as MatMulNBits") in text

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-
-from compress.state import ModelState
 
 BATCH = 8
 
@@ -62,15 +61,16 @@ def _pruner_class() -> type:
     return RoundUp
 
 
-def prune(state: ModelState, fraction: float, importance: str, round_to: int, taylor_batches: int,
+def prune(model: nn.Module, images: np.ndarray, fraction: float, importance: str, round_to: int, taylor_batches: int,
           seed: int) -> tuple[nn.Module, dict]:
-    """A pruned copy of `state.model` and what changed (params, channel groups, widths)."""
+    """A pruned copy of `model` and what changed (params, channel groups, widths); `images`: training
+    images (N, channels, H, W), the first traces the model, taylor's gradients use the first batches."""
     import copy
 
     import torch_pruning as tp
 
-    model = copy.deepcopy(state.model).eval()  # BatchNorm uses its running statistics throughout
-    train = torch.from_numpy(state.data.train)
+    model = copy.deepcopy(model).eval()  # BatchNorm uses its running statistics throughout
+    train = torch.from_numpy(images)
     example = train[:1]
     imp = {"magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
            "taylor": tp.importance.GroupTaylorImportance, "random": tp.importance.RandomImportance}[importance]()

@@ -1,7 +1,8 @@
 """Distillation losses shared by prune.homodistil and distill.kd.
 
-- output: encoder -> 1 - cosine (or MSE) of mean-pooled sentence embeddings; classifier / causal LM
-  -> T^2 * KL(softmax(t/T) || softmax(s/T)) over real (unpadded) positions (Hinton et al. 2015);
+- output (the model's kind picks one, `ModelKind.output_loss`): encoder -> 1 - cosine (or MSE) of
+  mean-pooled sentence embeddings (`embedding_loss`); classifier / causal LM / CNN ->
+  T^2 * KL(softmax(t/T) || softmax(s/T)) over real (unpadded) positions (`logit_loss`, Hinton et al. 2015);
 - hidden: MSE between each student layer's hidden states and the same teacher layer's, divided by
   the teacher's mean square so the weight means the same across models (TinyBERT, arXiv 1909.10351);
 - attention: MSE of attention probabilities of the heads the student still has;
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from compress import kinds
+from compress.kinds import ModelKind
 
 
 @dataclass(frozen=True)
@@ -33,15 +37,25 @@ def pooled(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-def output_loss(kind: str, s_out, t_out, mask: torch.Tensor, w: LossWeights, taid_t: float | None = None) -> torch.Tensor:
-    if kind == "encoder":
-        s_emb = pooled(s_out.last_hidden_state, mask, w.pooling)
-        t_emb = pooled(t_out.last_hidden_state, mask, w.pooling)
-        if taid_t is not None:  # interpolated target between the student's own embedding and the teacher's
-            t_emb = (1 - taid_t) * s_emb.detach() + taid_t * t_emb
-        if w.encoder_output == "mse":
-            return F.mse_loss(F.normalize(s_emb, dim=-1), F.normalize(t_emb, dim=-1)) * s_emb.shape[-1]
-        return (1 - F.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
+def output_loss(kind: str | ModelKind, s_out, t_out, mask: torch.Tensor, w: LossWeights,
+                taid_t: float | None = None) -> torch.Tensor:
+    """The output loss the kind distils with (a ModelKind or its name)."""
+    return kinds.get(kind).output_loss(s_out, t_out, mask, w, taid_t)
+
+
+def embedding_loss(s_out, t_out, mask: torch.Tensor, w: LossWeights, taid_t: float | None = None) -> torch.Tensor:
+    """1 - cosine (or MSE) of the pooled sentence embeddings of last_hidden_state."""
+    s_emb = pooled(s_out.last_hidden_state, mask, w.pooling)
+    t_emb = pooled(t_out.last_hidden_state, mask, w.pooling)
+    if taid_t is not None:  # interpolated target between the student's own embedding and the teacher's
+        t_emb = (1 - taid_t) * s_emb.detach() + taid_t * t_emb
+    if w.encoder_output == "mse":
+        return F.mse_loss(F.normalize(s_emb, dim=-1), F.normalize(t_emb, dim=-1)) * s_emb.shape[-1]
+    return (1 - F.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
+
+
+def logit_loss(s_out, t_out, mask: torch.Tensor, w: LossWeights, taid_t: float | None = None) -> torch.Tensor:
+    """T^2 * KL of the logits (or TAID's target); over the real tokens of (batch, seq) LM logits."""
     s_logits, t_logits = s_out.logits.float(), t_out.logits.float()
     if taid_t is not None:
         target = F.softmax((1 - taid_t) * s_logits.detach() + taid_t * t_logits, dim=-1)
@@ -83,18 +97,19 @@ def attention_loss(s_out, t_out, mask: torch.Tensor, head_keep: list[torch.Tenso
 
 
 def lm_loss(s_out, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over real tokens: the task loss of a causal LM (METHODS.md: 'task/LM
+    """Next-token cross-entropy over real tokens: the task loss of a causal LM (docs/methods.md: 'task/LM
     loss where labels exist'); non-zero even while the student still equals the teacher."""
     logits = s_out.logits[:, :-1].float()
     labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
-def distill_loss(kind: str, s_out, t_out, mask: torch.Tensor, w: LossWeights,
+def distill_loss(kind: str | ModelKind, s_out, t_out, mask: torch.Tensor, w: LossWeights,
                  head_keep: list[torch.Tensor] | None = None, taid_t: float | None = None,
                  input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    parts = {"output": output_loss(kind, s_out, t_out, mask, w, taid_t)}
-    if w.lm > 0 and kind == "causal-lm" and input_ids is not None:
+    kind = kinds.get(kind)
+    parts = {"output": kind.output_loss(s_out, t_out, mask, w, taid_t)}
+    if w.lm > 0 and kind.is_generative and input_ids is not None:
         parts["lm"] = lm_loss(s_out, input_ids, mask)
     if w.hidden > 0:
         parts["hidden"] = hidden_loss(s_out, t_out, mask)

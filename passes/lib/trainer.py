@@ -17,7 +17,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from compress.images import matching_views
+from compress import kinds
+from compress.kinds import ModelKind
 from compress.passes.lib.losses import LossWeights, Taid, distill_loss
 
 
@@ -94,23 +95,9 @@ def _load_checkpoint(path: Path, key: str, parts: dict[str, Any]) -> int:
     return state["step"] + 1
 
 
-@dataclass
-class _Logits:
-    """An image classifier's output in the shape the losses read."""
-
-    logits: torch.Tensor
-    hidden_states: tuple = ()
-    attentions: tuple = ()
-
-
-def _forward(model: torch.nn.Module, batch: dict, kind: str, attentions: bool):
-    if kind == "image-classifier":
-        out = model(batch["pixel_values"])
-        return _Logits(getattr(out, "logits", out))
-    kwargs = {"output_hidden_states": True, "output_attentions": attentions}
-    if kind == "causal-lm":
-        kwargs["use_cache"] = False
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+def _forward(model: torch.nn.Module, batch: dict, kind: ModelKind, attentions: bool):
+    """As the kind calls it: hidden states (and attention maps) for the losses; a CNN's logits alone."""
+    return kind.train_forward(model, batch, attentions)
 
 
 @contextlib.contextmanager
@@ -153,11 +140,13 @@ class DropoutSchedule:
             m.p = p
 
 
-def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str, data: dict[str, torch.Tensor],
+def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str | ModelKind, data: dict[str, torch.Tensor],
           settings: TrainSettings, weights: LossWeights, workdir: Path, key: str, console: Console,
           callbacks: Callbacks | None = None, taid: Taid | None = None, resume: bool = False, label: str = "training") -> dict:
     """Train `student` in place against `teacher` on `data` (tokenized: input_ids, attention_mask; images:
-    pixel_values)."""
+    pixel_values). `kind` (a ModelKind or its name) says how the models are called, which output loss
+    applies and how a batch is shown to them."""
+    kind = kinds.get(kind)
     dropout = DropoutSchedule(student, settings.dropout_steps)
     devices = [next(m.parameters()).device for m in (student, teacher)]
     try:
@@ -201,7 +190,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
     start = _load_checkpoint(ckpt, key, saved) if resume else 0
     if start:
         console.print(f"    resumed {label} from the checkpoint of step {start}/{settings.steps}")
-    if kind == "image-classifier":  # BatchNorm statistics frozen, no dropout / drop-connect: match the eval teacher
+    if kind.train_in_eval_mode:  # CNNs: BatchNorm statistics frozen, no dropout / drop-connect: match the eval teacher
         model.eval()
     n = next(iter(data.values())).shape[0]
     t0, avg, first, parts = time.perf_counter(), None, None, {}
@@ -212,8 +201,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
         for step in range(start, settings.steps):
             idx = batch_indices(step, n, settings.batch_size, settings.seed, acc.process_index, acc.num_processes)
             batch = {k: v[idx] for k, v in data.items()}
-            if kind == "image-classifier":  # a fresh random view of each photo, the same for both models
-                batch["pixel_values"] = matching_views(batch["pixel_values"], settings.seed * 1_000_003 + step)
+            batch = kind.inputs.training_view(batch, settings.seed * 1_000_003 + step)  # images: a fresh random view
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             dropout.at(step)
             with torch.no_grad():
