@@ -46,8 +46,21 @@ def friendly(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             console.print(f"[bold red]interrupted[/bold red]{escape(_resume_hint(kwargs.get('outdir')))}", highlight=False)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a path the system refuses, outside a running pass (those are PassFailed)
+            console.print(f"[bold red]error:[/bold red] {escape(_os_error(exc))}", highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError: the path it names (shortened) and the system's reason."""
+    from compress.errors import clip, short_path
+
+    why = exc.strerror or clip(str(exc), 200) or type(exc).__name__
+    if exc.filename is None:
+        return f"cannot continue: {why}"
+    return f"cannot use '{short_path(os.fsdecode(exc.filename))}': {why}"
 
 
 def _resume_hint(outdir: Optional[Path]) -> str:
@@ -56,8 +69,12 @@ def _resume_hint(outdir: Optional[Path]) -> str:
         return ""
     from compress.outputs import work_dir
 
-    work = work_dir(Path(outdir))
-    if not (work / "stages").is_dir():
+    work = work_dir(Path(outdir).expanduser())
+    try:
+        started = (work / "stages").is_dir()
+    except OSError:  # a name the system refuses: nothing was written under it
+        started = False
+    if not started:
         return f": nothing was written to '{outdir}'"
     return (f": the finished stages are kept in '{work}'; rerun the same command with --resume to continue "
             "from the last finished pass")
@@ -99,6 +116,7 @@ def run(
     no_tasks: bool = typer.Option(False, "--no-tasks", help="skip the task metrics (Lee-50, polarity)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the model folder"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder or alias, for an .onnx model without one beside it"),
+    measure: Optional[str] = typer.Option(None, "--measure", help="how much each stage is measured: full (default; or the recipe's measure:), quick (fidelity on 16 samples, short task metrics and latency), off (size only)"),
 ) -> None:
     """Run passes over a model and write the final model, report.json, report.md and report.png."""
     from compress import recipe as recipe_mod
@@ -115,7 +133,7 @@ def run(
         if recipe_file is None:
             console.print("no passes given: running the default recipe (export.onnx, optimize.ort, quant.int8, profile)")
     pipe.run(model, data, outdir, overwrite=overwrite, resume=resume, max_length=max_length, tasks=not no_tasks,
-             trust_remote_code=trust_remote_code, tokenizer=tokenizer, console=console)
+             trust_remote_code=trust_remote_code, tokenizer=tokenizer, console=console, measure=measure)
 
 
 @app.command("passes")
@@ -180,13 +198,14 @@ def _onnx_file(model: Path) -> Path:
 @friendly
 def profile(
     model: Path = typer.Argument(..., help=".onnx or .ort file"),
-    batch: int = typer.Option(1, min=1, help="rows per run"),
-    seq: int = typer.Option(128, min=1, help="tokens per row"),
-    threads: int = typer.Option(2, min=1, help="intra-op threads (pinned)"),
-    warmup: int = typer.Option(10, min=0, help="untimed runs"),
-    runs: int = typer.Option(50, min=5, help="timed runs"),
-    prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1, help="causal LMs with a KV cache: prompt length for TTFT"),
-    new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="causal LMs with a KV cache: tokens generated for tokens/s"),
+    # the bounds are compress.profiling.LIMITS (the profile pass has the same), written out: no import at start-up
+    batch: int = typer.Option(1, min=1, max=256, help="rows per run (batch x seq: at most 2**20 tokens)"),
+    seq: int = typer.Option(128, min=1, max=8192, help="tokens per row"),
+    threads: int = typer.Option(2, min=1, max=256, help="intra-op threads (pinned; at most 4 per CPU core are used)"),
+    warmup: int = typer.Option(10, min=0, max=1000, help="untimed runs"),
+    runs: int = typer.Option(50, min=5, max=100_000, help="timed runs"),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=1, max=32768, help="causal LMs with a KV cache: prompt length for TTFT"),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=2, max=4096, help="causal LMs with a KV cache: tokens generated for tokens/s"),
     as_json: bool = typer.Option(False, "--json", help="print the measurement as JSON"),
 ) -> None:
     """Latency p50/p90/p99, throughput, peak memory, size and top ops of an ONNX model; for a causal LM
@@ -195,18 +214,24 @@ def profile(
 
     from compress import models
     from compress.data import load
-    from compress.profiling import LatencySettings, profile_file, real_feed
+    from compress.profiling import LatencySettings, profile_file, real_feed, thread_cap
 
     quiet_libraries()
     path = _onnx_file(model)
     settings = LatencySettings(batch, seq, threads, warmup, runs, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    if settings.threads < threads:
+        console.print(f"--threads {threads}: using {settings.threads} (4 per CPU core this process may use; more "
+                      "threads only wait for each other)", highlight=False)
     tokenizer = models.find_tokenizer(path)
     texts = load("wiki").eval if tokenizer is not None else []
     feed = real_feed(tokenizer, texts, batch, seq)
     kind = models.onnx_signature(path)[0]
     prompt = kind.profile_prompt(tokenizer, texts, prompt_tokens)  # causal LMs: generation timing of cache graphs
     with tempfile.TemporaryDirectory() as tmp, console.status(f"profiling {path.name}"):
-        result = profile_file(path, kind, feed, settings, Path(tmp), prompt=prompt)
+        try:
+            result = profile_file(path, kind, feed, settings, Path(tmp), prompt=prompt)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; anything else is raised again
+            raise _cannot_run(exc, path, tokenizer, f"batch {batch} x seq {seq}") from None
     result["inputs"] = "real text (held-out wiki)" if tokenizer is not None else "random token ids (no tokenizer beside the model)"
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -229,6 +254,7 @@ def decode(
     if weights not in ("float", "int8"):
         raise UserError(f"--weights must be float or int8 (got {weights!r})")
     info = decode_riq(model, outdir, weights, overwrite)
+    outdir = info["outdir"]  # `~` expanded: where the folder was written
     where = outdir / info["model"] if info["model"] != "." else outdir
     console.print(f"[green]decoded[/green] {model} -> {where} ({info['kind']}; {info['int8_tensors']} int8 tensors; "
                   f"{info['read_seconds']:.1f} s to decode the file, {info['seconds']:.1f} s in all)")
@@ -245,7 +271,7 @@ def generate_text(
     top_k: int = typer.Option(0, "--top-k", min=0, help="sampling: keep the k most likely tokens (0: all)"),
     top_p: float = typer.Option(1.0, "--top-p", help="sampling: keep the smallest set with this much probability (0, 1]"),
     seed: int = typer.Option(0, "--seed", help="sampling: random seed (same seed, same text)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="intra-op threads (default: onnxruntime's)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=256, help="intra-op threads (default: onnxruntime's; at most 4 per CPU core are used)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder or alias, for a model without one beside it"),
 ) -> None:
     """Generate text with onnxruntime: prompt step, then one token per step through the KV cache."""
@@ -258,12 +284,61 @@ def generate_text(
     tok = models.load_tokenizer(Path(tokenizer)) if tokenizer else models.find_tokenizer(path)
     if tok is None:
         raise ModelLoadError(f"no tokenizer beside '{path}': give --tokenizer FOLDER (a transformers tokenizer folder or alias)")
-    result = generate(path, tok, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
-                      top_k=top_k, top_p=top_p, seed=seed, threads=threads)
+    if threads is not None:
+        from compress.profiling import thread_cap
+
+        threads = min(threads, thread_cap())
+    try:
+        result = generate(path, tok, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; anything else is raised again
+        raise _cannot_run(exc, path, tok, f"{max_new_tokens} new tokens after this prompt") from None
     typer.echo(result.text)
     console.print(f"TTFT {result.ttft_s * 1000:.1f} ms, {result.decode_tokens_per_s:.1f} tokens/s, "
                   f"{result.num_tokens} tokens ({result.prompt_tokens} in the prompt; stopped by {result.stop_reason})",
                   highlight=False)
+
+
+def _cannot_run(exc: Exception, path: Path, tokenizer, what: str) -> Exception:
+    """An error of onnxruntime running the model (a shape it cannot take, memory it cannot get, a run
+    in a fresh process that failed) as one UserError; any other exception is returned unchanged."""
+    import subprocess
+
+    from compress.errors import UserError, clip
+
+    if isinstance(exc, subprocess.CalledProcessError):  # the peak-memory run in a fresh process
+        lines = [ln for ln in (exc.stderr or "").strip().splitlines() if ln.strip()]
+        text = lines[-1] if lines else f"exit status {exc.returncode}"
+    elif isinstance(exc, MemoryError) or type(exc).__module__.startswith("onnxruntime"):
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    else:
+        return exc
+    text = text.split(" : ")[-1] if "[ONNXRuntimeError]" in text else text  # the code and its name say nothing
+    limit = _max_positions(path, tokenizer)
+    hint = f"; the model accepts at most {limit} positions" if limit else ""
+    return UserError(f"the model cannot run {what}: {clip(text, 300) or 'out of memory'}{hint}")
+
+
+def _max_positions(path: Path, tokenizer) -> Optional[int]:
+    """The longest input the model takes, where its config.json, graph metadata or tokenizer says."""
+    from compress.generate import CONTEXT_KEYS
+
+    found = []
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+        found += [config[k] for k in CONTEXT_KEYS if isinstance(config, dict) and isinstance(config.get(k), int)][:1]
+    except (OSError, ValueError):
+        pass
+    try:
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        found += [int(meta["max_position_embeddings"])] if meta.get("max_position_embeddings", "").isdigit() else []
+    except Exception:  # noqa: BLE001 - an .ort file, or a graph onnx cannot read: nothing said
+        pass
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    found += [tok_limit] if isinstance(tok_limit, int) and 0 < tok_limit < 10**7 else []  # 1e30: "no limit"
+    return min(found) if found else None
 
 
 def _print_profile(path: Path, result: dict) -> None:
@@ -285,7 +360,11 @@ def _print_profile(path: Path, result: dict) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handler runs (imports, option parsing)
+        console.print("[bold red]interrupted[/bold red]", highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

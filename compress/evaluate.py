@@ -130,6 +130,7 @@ def polarity(run: Callable, tokenizer: Any) -> float:
 
 
 PPL_PARAGRAPHS, PPL_MAX_LENGTH = 100, 256
+PPL_PARAGRAPHS_QUICK = 10  # measure level quick
 
 
 def perplexity(run: Callable, tokenizer: Any, texts: list[str], max_length: int = PPL_MAX_LENGTH) -> float:
@@ -145,11 +146,12 @@ def perplexity(run: Callable, tokenizer: Any, texts: list[str], max_length: int 
     return float(np.exp(total / max(count, 1)))
 
 
-def task_metrics(kind: str | ModelKind, run: Callable, tokenizer: Any) -> dict[str, float]:
+def task_metrics(kind: str | ModelKind, run: Callable, tokenizer: Any, quick: bool = False) -> dict[str, float]:
     """The kind's task metrics (`ModelKind.task_metrics`). Encoders: Lee-50 and polarity. Causal LMs:
     perplexity on the first 100 lee_background paragraphs (256 tokens each at most): real news text,
-    never in the default (wiki) training data. Others: none."""
+    never in the default (wiki) training data. Others: none. `quick`: the cheaper subsets a kind
+    offers (measure level quick), or none."""
     if tokenizer is None:
         return {}
-    return kinds.get(kind).task_metrics(run, tokenizer)
+    return kinds.get(kind).task_metrics(run, tokenizer, quick=quick)
 

@@ -1,7 +1,17 @@
-"""Measuring one stage: parameters, bytes, fidelity against the teacher, task metrics, latency."""
+"""Measuring one stage: parameters, bytes, fidelity against the teacher, task metrics, latency.
+
+How much is measured is a level (`MeasureSettings`, `--measure`, `measure:` in a recipe):
+- `full` (default): fidelity on every held-out sample (up to 128), the kind's task metrics on their
+  whole sets (perplexity on 100 lee paragraphs, Lee-50 and polarity), latency as configured;
+- `quick`: fidelity on the first 16 held-out samples, a causal LM's perplexity on 10 paragraphs
+  (an encoder's Lee-50 / polarity need their whole sets: skipped), latency with 2 warm-up and 10
+  timed runs and one generation run: a fidelity number per stage at a fraction of the cost;
+- `off`: size and parameters only.
+The input stage's measurements (and the teacher's outputs, for kinds that keep them) are cached by
+content hash (compress/refcache.py), so a second run on the same model and data reuses them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +64,55 @@ def onnx_params(path: Path) -> int | None:
     return total
 
 
+LEVELS = ("full", "quick", "off")
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """What each stage's measurement costs; `MeasureSettings.of("quick")` gives a level's preset."""
+
+    level: str = "full"
+    eval_samples: int | None = None  # held-out samples for fidelity; None: all of them
+    fidelity: bool = True
+    tasks: str = "full"  # "full", "quick" (cheaper subsets where meaningful) or "off"
+    latency: bool = True
+    latency_runs: tuple[int, int, int] | None = None  # (warmup, runs, generate_runs) caps; None: as configured
+
+    @classmethod
+    def of(cls, level: "str | MeasureSettings | None") -> "MeasureSettings":
+        from compress.errors import UserError
+
+        if isinstance(level, MeasureSettings):
+            return level
+        level = level or "full"
+        if level == "full":
+            return cls()
+        if level == "quick":
+            return cls("quick", eval_samples=16, tasks="quick", latency_runs=(2, 10, 1))
+        if level == "off":
+            return cls("off", fidelity=False, tasks="off", latency=False)
+        raise UserError(f"measure must be one of {', '.join(LEVELS)} (got {str(level)[:40]!r})")
+
+    def eval_texts(self, data: Any) -> Any:
+        """The held-out samples fidelity uses (texts, or an (N, 3, H, W) image array)."""
+        if data is None:
+            return []
+        return data.eval if self.eval_samples is None else data.eval[: self.eval_samples]
+
+    def latency_settings(self, settings: profiling.LatencySettings | None) -> profiling.LatencySettings | None:
+        if not self.latency or settings is None:
+            return None
+        if self.latency_runs is None:
+            return settings
+        warmup, runs, gen = self.latency_runs
+        return replace(settings, warmup=min(settings.warmup, warmup), runs=min(settings.runs, runs),
+                       generate_runs=min(settings.generate_runs, gen))
+
+    def as_dict(self) -> dict:
+        return {"level": self.level, "eval_samples": self.eval_samples, "fidelity": self.fidelity,
+                "tasks": self.tasks, "latency": self.latency, "latency_runs": self.latency_runs}
+
+
 @dataclass
 class Reference:
     """Teacher outputs on the held-out text, computed once (encoder / classifier); a causal LM's
@@ -64,11 +123,12 @@ class Reference:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, state: ModelState, max_length: int) -> "Reference":
+    def build(cls, state: ModelState, max_length: int, ms: MeasureSettings | None = None) -> "Reference":
         teacher = runtime.runner(state, "teacher")
         if not state.kind.cache_reference:
             return cls(teacher_runner=teacher)
-        return cls(outputs=evaluate.outputs(teacher, state.tokenizer, state.data.eval, max_length, kind=state.kind))
+        texts = (ms or MeasureSettings()).eval_texts(state.data)
+        return cls(outputs=evaluate.outputs(teacher, state.tokenizer, texts, max_length, kind=state.kind))
 
     def target(self) -> Any:
         return self.teacher_runner if self.outputs is None else self.outputs
@@ -92,21 +152,26 @@ def latency(state: ModelState, settings: profiling.LatencySettings) -> dict[str,
 
 
 def measure(state: ModelState, ref: Reference, max_length: int, settings: profiling.LatencySettings | None,
-            tasks: bool = True, step: Callable[[str], None] = lambda what: None) -> dict:
+            tasks: bool = True, step: Callable[[str], None] = lambda what: None,
+            ms: MeasureSettings | None = None) -> dict:
     """`step(what)` is called as each part starts (the pipeline drives a progress bar with it)."""
+    ms = ms or MeasureSettings()
     run = runtime.runner(state, threads=settings.threads if settings else None)
     if state.form == "torch":
         params, nbytes = torch_params(state.model), torch_bytes(state.model)
     else:
         params, nbytes = onnx_params(state.path), profiling.file_bytes(state.path)
     record = {"form": state.form, "params": params, "bytes": nbytes}
-    if (state.tokenizer is not None or not state.kind.uses_tokenizer) and state.data is not None:
-        step(f"fidelity on {len(state.data.eval)} held-out samples")
-        record["fidelity"] = evaluate.fidelity(state.kind, run, ref.target(), state.tokenizer, state.data.eval, max_length)
-    step("task metrics (Lee-50, polarity)")
-    record["metrics"] = evaluate.task_metrics(state.kind, run, state.tokenizer) if tasks else {}
+    texts = ms.eval_texts(state.data)
+    if ms.fidelity and (state.tokenizer is not None or not state.kind.uses_tokenizer) and len(texts):
+        step(f"fidelity on {len(texts)} held-out samples")
+        record["fidelity"] = evaluate.fidelity(state.kind, run, ref.target(), state.tokenizer, texts, max_length)
+    step("task metrics")
+    quick = ms.tasks == "quick"
+    record["metrics"] = evaluate.task_metrics(state.kind, run, state.tokenizer, quick=quick) if tasks and ms.tasks != "off" else {}
     step("latency")
-    record["latency_ms"] = latency(state, settings) if settings else None
+    timing = ms.latency_settings(settings)
+    record["latency_ms"] = latency(state, timing) if timing else None
     return record
 
 

@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from compress import data as data_mod
-from compress import images, loading, outputs, recipe, registry, report, stages
+from compress import images, loading, outputs, recipe, refcache, registry, report, stages
 from compress.config import PassConfig
 from compress.context import PassContext
-from compress.errors import ConfigError, PassFailed, UserError
-from compress.measure import MEASURE_STEPS, Reference, measure
+from compress.errors import ConfigError, PassFailed, UserError, short
+from compress.measure import MEASURE_STEPS, MeasureSettings, Reference, measure
 from compress.profiling import LatencySettings
 from compress.state import ModelState
 
@@ -59,6 +59,17 @@ def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, 
     return problems
 
 
+MAX_LENGTH_RANGE = (8, 8192)  # tokens per evaluation sample; the CLI's --max-length has the same bounds
+
+
+def _check_max_length(max_length: Any) -> None:
+    from numbers import Integral
+
+    low, high = MAX_LENGTH_RANGE
+    if isinstance(max_length, bool) or not isinstance(max_length, Integral) or not low <= max_length <= high:
+        raise UserError(f"max_length must be a whole number of tokens from {low} to {high} (got {short(max_length)})")
+
+
 class Pipeline:
     """An ordered list of pass configs. `Pipeline([ExportOnnx(), QuantInt8()]).run("minilm", outdir="out")`."""
 
@@ -74,12 +85,14 @@ class Pipeline:
         self.configs: list[PassConfig] = [c for c in entries if c is not None]
         self.model: Any = None  # defaults a recipe may carry; run() arguments take precedence
         self.data: Any = None
+        self.measure: str | None = None
 
     @classmethod
     def from_recipe(cls, path: str | Path) -> "Pipeline":
         doc = recipe.read_recipe(path)
         pipe = cls(doc["passes"], defer_errors=True, source=str(path))
         pipe.model, pipe.data, pipe.recipe_path = doc["model"], doc["data"], Path(path)
+        pipe.measure = doc.get("measure")
         return pipe
 
     def validate(self, model: Any = None, has_data: bool = True, trust_remote_code: bool = False) -> loading.ModelInfo:
@@ -98,11 +111,15 @@ class Pipeline:
 
     def run(self, model: Any = None, data: Any = None, outdir: str | Path = "compressed", *, overwrite: bool = False,
             resume: bool = False, max_length: int = 128, latency: LatencySettings | None = None, tasks: bool = True,
-            tokenizer: Any = None, trust_remote_code: bool = False, console: Console | None = None) -> Result:
+            tokenizer: Any = None, trust_remote_code: bool = False, console: Console | None = None,
+            measure: str | MeasureSettings | None = None) -> Result:
+        """`measure`: full (default), quick or off (compress/measure.py); a recipe's `measure:` otherwise."""
+        ms = MeasureSettings.of(measure if measure is not None else self.measure)
         console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-        outdir = Path(outdir)
+        _check_max_length(max_length)  # as the CLI's --max-length, before anything is written
+        outdir = Path(outdir).expanduser()  # where outputs.claim says to write (`~` expanded)
         work = outputs.work_dir(outdir)
-        outputs.claim(outdir, [], overwrite, work=work)  # fast refusals before the model is read
+        outputs.claim(outdir, [model or self.model, data or self.data, tokenizer, self.recipe_path], overwrite, work=work)  # fast refusals before the model is read
         model = model if model is not None else self.model
         data_spec = data if data is not None else self.data
         info = self.validate(model, trust_remote_code=trust_remote_code)
@@ -115,18 +132,22 @@ class Pipeline:
             outputs.clear(work)
         outputs.mark(work, "run")
         (work / "stages").mkdir(parents=True, exist_ok=True)
-        key = _hash({"input": stages.identity(model, info), "data": text.fingerprint(), "max_length": max_length,
-                     "latency": settings.as_dict(), "tasks": tasks, "tokenizer": str(tokenizer),
-                     "trust_remote_code": trust_remote_code})
-        state = self._run_stages(state, key, work, settings, max_length, tasks, console, resume)
-        rep = self._finish(state, work, settings, data_spec)
+        common = {"data": text.fingerprint(), "max_length": max_length, "latency": settings.as_dict(), "tasks": tasks,
+                  "tokenizer": str(tokenizer), "measure": ms.as_dict()}
+        key = _hash({"input": stages.identity(model, info), **common, "trust_remote_code": trust_remote_code})
+        with console.status("hashing the input for the measurement cache"):
+            digest = refcache.content_hash(model, info) if refcache.cache_dir() is not None else None
+        how = _Measuring(settings, max_length, tasks, ms, refcache.key({"input": digest, **common}) if digest else None)
+        state = self._run_stages(state, key, work, how, console, resume)
+        rep = self._finish(state, work, settings, data_spec, ms)
         outputs.publish(work, outdir)
         console.print(report.summary_table(rep))
         console.print(f"[green]done[/green]: {outdir}/ ({rep['final']['path']}, report.md, report.json, report.png)")
         return Result(outdir, rep, state)
 
-    def _run_stages(self, state: ModelState, key: str, work: Path, settings: LatencySettings, max_length: int,
-                    tasks: bool, console: Console, resume: bool) -> ModelState:
+    def _run_stages(self, state: ModelState, key: str, work: Path, how: "_Measuring", console: Console,
+                    resume: bool) -> ModelState:
+        settings, max_length = how.latency, how.max_length
         ref = None
         n = len(self.configs)
         for index, cfg in enumerate([None, *self.configs]):
@@ -145,9 +166,12 @@ class Pipeline:
                 console.print(f"[bold][{index}/{n}] {cfg.describe()}[/bold]")
                 state = _run_one(state, cfg, ctx)
             seconds = time.perf_counter() - t0
-            ref = ref or Reference.build(state, max_length)
             try:
-                rec = _measure_or_inherit(state, cfg, ref, max_length, settings, tasks, console, f"stage {index} ({name})")
+                if cfg is None:
+                    rec, ref = _measure_input(state, how, console)
+                else:  # (on resume the input stage came from its folder: the teacher's outputs are built here)
+                    ref = ref or Reference.build(state, max_length, how.ms)
+                    rec = _measure_or_inherit(state, cfg, ref, how, console, f"stage {index} ({name})")
             except UserError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a graph the pass wrote that does not run: name the stage
@@ -158,18 +182,20 @@ class Pipeline:
             console.print("    " + stages.one_line(rec))
         return state
 
-    def _finish(self, state: ModelState, work: Path, settings: LatencySettings, data_spec: Any) -> dict:
+    def _finish(self, state: ModelState, work: Path, settings: LatencySettings, data_spec: Any,
+                ms: MeasureSettings) -> dict:
         final = stages.write_final(state, work)
         if isinstance(data_spec, images.ImageData):
             data_text = data_spec.source
         elif data_spec in (None, *data_mod.BUILTIN, *images.BUILTIN):
             data_text = data_spec or state.kind.inputs.default_data
         else:
-            data_text = str(Path(data_spec).resolve())
-        (work / "recipe.yaml").write_text(recipe.dump_recipe(self.configs, model=state.source, data=data_text))
+            data_text = str(Path(data_spec).expanduser().resolve())
+        (work / "recipe.yaml").write_text(recipe.dump_recipe(self.configs, model=state.source, data=data_text,
+                                                              measure=None if ms.level == "full" else ms.level))
         rep = {"model": state.source, "kind": state.kind.name, "architecture": state.architecture,
                "data": state.data.summary() if state.data else None,
-               "settings": {"latency": settings.as_dict()}, "stages": list(state.history),
+               "settings": {"latency": settings.as_dict(), "measure": ms.level}, "stages": list(state.history),
                "final": {"path": final, "form": state.form}}
         report.write_all(rep, work)
         return rep
@@ -188,8 +214,35 @@ def _run_one(state: ModelState, cfg: PassConfig, ctx: PassContext) -> ModelState
     return out
 
 
-def _measure_or_inherit(state: ModelState, cfg: PassConfig | None, ref: Reference, max_length: int,
-                        settings: LatencySettings, tasks: bool, console: Console, label: str) -> dict:
+@dataclass(frozen=True)
+class _Measuring:
+    """How every stage is measured in one run."""
+
+    latency: LatencySettings
+    max_length: int
+    tasks: bool
+    ms: MeasureSettings
+    cache_key: str | None  # the input's measurements in the reference cache (refcache.py); None: not cached
+
+
+def _measure_input(state: ModelState, how: _Measuring, console: Console) -> tuple[dict, Reference]:
+    """The input stage: from the reference cache when this model, data and settings were measured
+    before (said so), else measured and cached."""
+    hit = refcache.load(how.cache_key) if how.cache_key else None
+    if hit is not None and (hit[1] is not None or not state.kind.cache_reference):
+        record, outputs, folder = hit
+        console.print(f"    input measurements reused from the cache ({folder}; same model, data and settings)")
+        ref = Reference(outputs=outputs) if outputs is not None else Reference.build(state, how.max_length, how.ms)
+        return record, ref
+    ref = Reference.build(state, how.max_length, how.ms)
+    record = _measure_or_inherit(state, None, ref, how, console, "stage 0 (input)")
+    if how.cache_key:
+        refcache.save(how.cache_key, record, ref.outputs)
+    return record, ref
+
+
+def _measure_or_inherit(state: ModelState, cfg: PassConfig | None, ref: Reference, how: _Measuring,
+                        console: Console, label: str) -> dict:
     """A pass that leaves the model as it is (profile) inherits the previous measurements."""
     if cfg is not None and not registry.spec_for(cfg).changes(cfg) and state.history:
         prev = state.history[-1]
@@ -204,7 +257,7 @@ def _measure_or_inherit(state: ModelState, cfg: PassConfig | None, ref: Referenc
 
         started: list[str] = []
 
-        rec = measure(state, ref, max_length, settings, tasks, step=advance)
+        rec = measure(state, ref, how.max_length, how.latency, how.tasks, step=advance, ms=how.ms)
     if rec["params"] is None and state.history:  # an .ort file can't be read back as a graph; conversion keeps them
         rec["params"] = state.history[-1]["params"]
     return rec

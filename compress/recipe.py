@@ -8,6 +8,7 @@ through `errors.short`, which bounds the work of printing it."""
 from __future__ import annotations
 
 import difflib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from pydantic import ValidationError
 
 from compress import registry
 from compress.config import PassConfig
-from compress.errors import ConfigError, UserError, clip, short
+from compress.errors import ConfigError, UserError, clip, short, short_path, stat_or_none
 
-RECIPE_KEYS = {"model", "data", "passes"}
+RECIPE_KEYS = {"model", "data", "measure", "passes"}
+MEASURE_LEVELS = ("full", "quick", "off")  # compress/measure.py LEVELS (not imported: recipes stay light)
 MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few lines; a bigger file is the wrong file, or hostile
 NO_PASSES = "no passes: give at least one --pass, or a recipe with a 'passes' list; `compress passes` lists them"
 
@@ -53,6 +55,23 @@ class NoAliasLoader(yaml.SafeLoader):
             raise _Refused(f"line {event.start_mark.line + 1}: YAML anchors and aliases ({clip(what, 40)}) "
                            "are not allowed in recipes or --pass values: write the values out")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        """A key given twice is refused at any level (YAML would keep the last one silently: a second
+        `model:` would switch the model, a second `opset:` would win over the first)."""
+        first: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # unhashable keys are refused by SafeLoader itself
+            key = self.construct_object(key_node)
+            try:
+                earlier = first.setdefault(key, key_node)
+            except TypeError:
+                continue
+            if earlier is not key_node:
+                raise _Refused(f"line {key_node.start_mark.line + 1}: the key {short(key, 60)} is given twice "
+                               f"(first on line {earlier.start_mark.line + 1}): keep one")
+        return super().construct_mapping(node, deep)
 
 
 def load_yaml(text: str) -> Any:
@@ -175,10 +194,13 @@ def parse_cli_pass(text: str) -> dict | Problem:
 
 def _recipe_text(path: Path) -> str:
     """The recipe's text; a missing, huge, binary or non-UTF-8 file raises one clear error."""
-    if path.is_dir():
-        raise UserError(f"recipe '{path}' is a folder: give a YAML file")
-    if not path.is_file():
-        raise UserError(f"recipe not found: {path}")
+    st = stat_or_none(path)  # a FIFO or a device is never opened: it would block or never end
+    if st is None:
+        raise UserError(f"recipe not found: {short_path(path)}")
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"recipe '{short_path(path)}' is a folder: give a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"recipe '{short_path(path)}' is not a regular file (a pipe, a device or a socket): give a YAML file")
     try:
         with path.open("rb") as fh:
             raw = fh.read(MAX_RECIPE_BYTES + 1)  # read no more than the limit, whatever stat says
@@ -213,14 +235,20 @@ def _top_level(doc: Any) -> tuple[dict, list[Problem]]:
         doc = {"passes": doc}
     if not isinstance(doc, dict):
         why = f"expected a mapping with a 'passes' list (or a bare list of passes), got {short(doc)}"
-        return {"model": None, "data": None, "passes": []}, [Problem((why,), is_pass=False, explains_no_passes=True)]
+        return {"model": None, "data": None, "measure": None, "passes": []}, [Problem((why,), is_pass=False, explains_no_passes=True)]
     problems = [_unknown_key(k) for k in doc if k not in RECIPE_KEYS]
-    fields = {k: doc.get(k) for k in ("model", "data")}
+    fields = {k: doc.get(k) for k in ("model", "data", "measure")}
+    if fields["measure"] is False:  # YAML 1.1 reads a bare `off` as false
+        fields["measure"] = "off"
     for key, value in fields.items():
         if value is not None and not isinstance(value, str):
-            why = f"'{key}' must be text: a path or a built-in name (got {short(value)})"
-            problems.append(Problem((why,), is_pass=False))
+            what = "full, quick or off" if key == "measure" else "a path or a built-in name"
+            problems.append(Problem((f"'{key}' must be text: {what} (got {short(value)})",), is_pass=False))
             fields[key] = None
+    if fields["measure"] not in (None, *MEASURE_LEVELS):
+        problems.append(Problem((f"'measure' must be one of {', '.join(MEASURE_LEVELS)} (got {short(fields['measure'])})",),
+                                is_pass=False))
+        fields["measure"] = None
     passes = doc.get("passes")
     if passes is not None and not isinstance(passes, list):
         problems.append(Problem((f"'passes' must be a list, one '- pass: NAME' line per pass (got {short(passes)})",),
@@ -230,7 +258,7 @@ def _top_level(doc: Any) -> tuple[dict, list[Problem]]:
 
 
 def read_recipe(path: str | Path) -> dict:
-    """A recipe file -> {"model": str|None, "data": str|None, "passes": [raw entries]}.
+    """A recipe file -> {"model": str|None, "data": str|None, "measure": str|None, "passes": [raw entries]}.
 
     A file that cannot be read as YAML raises ConfigError. Problems of its top level (an unknown
     key, a wrong type) come first in "passes" as `Problem`s, so that `collect` lists them together
@@ -241,15 +269,19 @@ def read_recipe(path: str | Path) -> dict:
     except ValueError as exc:
         raise ConfigError([str(exc)], str(path)) from None
     fields, problems = _top_level(doc)
-    return {"model": fields["model"], "data": fields["data"], "passes": [*problems, *fields["passes"]]}
+    return {"model": fields["model"], "data": fields["data"], "measure": fields["measure"],
+            "passes": [*problems, *fields["passes"]]}
 
 
-def dump_recipe(configs: list[PassConfig], model: str | None = None, data: str | None = None) -> str:
+def dump_recipe(configs: list[PassConfig], model: str | None = None, data: str | None = None,
+                measure: str | None = None) -> str:
     doc: dict[str, Any] = {}
     if model is not None:
         doc["model"] = model
     if data is not None:
         doc["data"] = data
+    if measure is not None:
+        doc["measure"] = measure
     doc["passes"] = [c.to_dict() for c in configs]
     return yaml.safe_dump(doc, sort_keys=False)
 

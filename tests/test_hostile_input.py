@@ -143,7 +143,7 @@ def test_validate_shortens_echoed_value_when_value_is_huge(tmp_path):
     ("passes:\n  - pass: export.onnx # caf\xe9\n".encode("latin-1"), "not UTF-8 text: byte 0xe9 at offset 35 (line 2)"),
     ("passes: quant.int8\n", "'passes' must be a list, one '- pass: NAME' line per pass (got 'quant.int8')"),
     ("just some words\n", "expected a mapping with a 'passes' list (or a bare list of passes), got 'just some words'"),
-    ("{1: 2, passes: [export.onnx]}\n", "unknown top-level key 1: allowed: data, model, passes"),
+    ("{1: 2, passes: [export.onnx]}\n", "unknown top-level key 1: allowed: data, measure, model, passes"),
 ])
 def test_validate_names_the_problem_when_recipe_is_hostile(text, expected, tmp_path):
     code, out = _run("validate", _recipe(tmp_path, text))

@@ -238,7 +238,8 @@ class ModelKind:
 
     # --- measuring ------------------------------------------------------------------------------------
 
-    def task_metrics(self, run: Any, tokenizer: Any) -> dict[str, float]:
+    def task_metrics(self, run: Any, tokenizer: Any, quick: bool = False) -> dict[str, float]:
+        """Task metrics of a stage; `quick`: only what stays meaningful on a cheap subset."""
         return {}
 
     def profile_prompt(self, tokenizer: Any, texts: Any, n: int) -> np.ndarray | None:

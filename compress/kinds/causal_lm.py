@@ -38,12 +38,15 @@ class CausalLM(ModelKind):
     def output_rows(self, out: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return out[mask.astype(bool)]  # one logit vector per real token
 
-    def task_metrics(self, run: Any, tokenizer: Any) -> dict[str, float]:
+    def task_metrics(self, run: Any, tokenizer: Any, quick: bool = False) -> dict[str, float]:
         """Perplexity on the first 100 lee_background paragraphs (256 tokens each at most): real news
-        text, never in the default (wiki) training data."""
+        text, never in the default (wiki) training data. Quick: the first 10 (`ppl_lee10`, named
+        apart so it is never compared with the full number)."""
         from compress import evaluate
         from compress.data import lee_background
 
+        if quick:
+            return {"ppl_lee10": evaluate.perplexity(run, tokenizer, lee_background()[:evaluate.PPL_PARAGRAPHS_QUICK])}
         return {"ppl_lee": evaluate.perplexity(run, tokenizer, lee_background()[:evaluate.PPL_PARAGRAPHS])}
 
     def profile_prompt(self, tokenizer: Any, texts: Any, n: int) -> np.ndarray | None:
