@@ -5,6 +5,7 @@ output) prints one message and exits with code 2; a pass that fails while runnin
 and says which pass failed and where the finished stages are kept for --resume."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -28,7 +29,8 @@ OPS = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
 
 
 def friendly(fn: Callable) -> Callable:
-    """User errors: one line, exit 2. Pass failures: which pass, exit 1. No tracebacks."""
+    """User errors, and an OSError outside a running pass (a path the system refuses): one line, exit 2.
+    Pass failures: which pass, exit 1. Ctrl-C: exit 130. No tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -47,6 +49,8 @@ def friendly(fn: Callable) -> Callable:
             console.print(f"[bold red]interrupted[/bold red]{escape(_resume_hint(kwargs.get('outdir')))}", highlight=False)
             raise typer.Exit(130) from None
         except OSError as exc:  # a path the system refuses, outside a running pass (those are PassFailed)
+            if exc.errno == errno.EPIPE:  # the reader of our output went away: typer exits quietly
+                raise
             console.print(f"[bold red]error:[/bold red] {escape(_os_error(exc))}", highlight=False)
             raise typer.Exit(2) from None
 
@@ -60,7 +64,8 @@ def _os_error(exc: OSError) -> str:
     why = exc.strerror or clip(str(exc), 200) or type(exc).__name__
     if exc.filename is None:
         return f"cannot continue: {why}"
-    return f"cannot use '{short_path(os.fsdecode(exc.filename))}': {why}"
+    name = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes)) else str(exc.filename)
+    return f"cannot use '{short_path(name)}': {why}"
 
 
 def _resume_hint(outdir: Optional[Path]) -> str:
@@ -99,6 +104,12 @@ def quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     except ImportError:
+        pass
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(4)  # fatal only: a failed run's error comes back in the exception we report
+    except (ImportError, AttributeError):
         pass
 
 
@@ -217,8 +228,8 @@ def profile(
     from compress.profiling import LatencySettings, profile_file, real_feed, thread_cap
 
     quiet_libraries()
-    path = _onnx_file(model)
     settings = LatencySettings(batch, seq, threads, warmup, runs, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    path = _onnx_file(model)
     if settings.threads < threads:
         console.print(f"--threads {threads}: using {settings.threads} (4 per CPU core this process may use; more "
                       "threads only wait for each other)", highlight=False)

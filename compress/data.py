@@ -18,12 +18,13 @@ import html
 import json
 import random
 import re
+import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from compress.errors import DataError, clip, short
+from compress.errors import DataError, clip, short, short_path, stat_or_none
 
 BUILTIN = {
     "wiki": "paragraphs of the shortened English Wikipedia dump in gensim's test data",
@@ -88,11 +89,14 @@ def lee_background() -> list[str]:
 
 def _check_file(path: Path) -> None:
     kinds = f"a UTF-8 text file (one sample per line), a .jsonl file, or one of {sorted(BUILTIN)}"
-    if path.is_dir():
-        raise DataError(f"data '{path}' is a folder: text models take {kinds}")
-    if not path.is_file():
-        raise DataError(f"data file not found: {path} (give a text file, a .jsonl file, or one of {sorted(BUILTIN)})")
-    size = path.stat().st_size
+    st = stat_or_none(path)  # never opened here: a FIFO or a device would block or never end
+    if st is None:
+        raise DataError(f"data file not found: {short_path(path)} (give a text file, a .jsonl file, or one of {sorted(BUILTIN)})")
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"data '{short_path(path)}' is a folder: text models take {kinds}")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"data '{short_path(path)}' is not a regular file (a pipe, a device or a socket): text models take {kinds}")
+    size = st.st_size
     if size > MAX_DATA_BYTES:
         raise DataError(f"data file {path} is {_human(size)}, over the {_human(MAX_DATA_BYTES)} limit (all samples are "
                         "held in memory): take a sample of it, e.g. `shuf -n 100000 FILE > sample.txt`")
@@ -204,7 +208,9 @@ def load(spec: str | Path | None = None, max_eval: int = 128, seed: int = 0) -> 
     if isinstance(spec, str) and spec in BUILTIN:
         texts = list(wiki_paragraphs()) if spec == "wiki" else lee_background()
         return split(texts, source=f"builtin:{spec}", max_eval=max_eval, seed=seed)
-    path = Path(spec)
-    if not path.exists() and isinstance(spec, str) and "/" not in spec and "." not in spec:
+    if not isinstance(spec, (str, Path)):
+        raise DataError(f"data must be a file path (str or Path) or one of {sorted(BUILTIN)}; got {type(spec).__name__}")
+    path = Path(spec).expanduser()
+    if isinstance(spec, str) and "/" not in spec and "." not in spec and stat_or_none(path) is None:
         raise DataError(f"unknown data '{spec}': give a file path or one of {sorted(BUILTIN)}")
     return split(read_text_file(path), source=str(path), max_eval=max_eval, seed=seed)

@@ -84,3 +84,36 @@ def clip(text: str, limit: int = 200) -> str:
     """A message text (a library's error, a line of a file) cut to `limit` characters."""
     text = str(text)
     return text if len(text) <= limit else text[: max(limit - 3, 1)] + "..."
+
+
+def short_path(path: object, limit: int = 160) -> str:
+    """A path for a message: its start and its end when it is longer than `limit` characters."""
+    text = str(path)
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) // 2
+    return text[:head] + "..." + text[len(text) - (limit - 3 - head):]
+
+
+def stat_or_none(path: object):
+    """os.stat of `path` (following links), None when nothing is there. A name the system refuses to
+    look up (over 255 bytes per part, a NUL byte, a parent that cannot be searched) is one UserError
+    naming it; pathlib's exists() / is_file() raise OSError on those instead of answering."""
+    import errno
+    import os
+
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link loop points nowhere
+            return None
+        raise UserError(f"cannot use '{short_path(path)}': {exc.strerror or exc}") from None
+    except ValueError:  # an embedded NUL byte
+        raise UserError(f"cannot use '{short_path(path)}': a path may not contain a NUL byte") from None
+
+
+def exists(path: object) -> bool:
+    """Path.exists() that answers for every name (see `stat_or_none`)."""
+    return stat_or_none(path) is not None

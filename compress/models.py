@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import images, kinds
-from compress.errors import ModelLoadError
+from compress.errors import ModelLoadError, exists, short, short_path
 from compress.kinds import ModelKind
 
 ALIASES = {
@@ -49,10 +49,13 @@ def resolve(spec: str | Path | None) -> Path:
     spec = DEFAULT_MODEL if spec is None else spec
     if isinstance(spec, str) and spec in ALIASES:
         return alias_path(spec)
+    if not isinstance(spec, (str, Path)):
+        raise ModelLoadError(f"a model must be a path (str or Path), a built-in alias ({', '.join(sorted(ALIASES))}) "
+                             f"or, in Python, a torch.nn.Module; got {type(spec).__name__}")
     path = Path(spec).expanduser()
-    if not path.exists():
+    if not exists(path):
         raise ModelLoadError(
-            f"model not found: '{spec}' is neither an existing path nor a built-in alias "
+            f"model not found: '{short_path(spec)}' is neither an existing path nor a built-in alias "
             f"({', '.join(sorted(ALIASES))}); give a transformers folder, an .onnx file or an alias"
         )
     return path
@@ -112,20 +115,28 @@ def read_hf_config(folder: Path, trust_remote_code: bool = False) -> Any:
     gguf = gguf_file(folder)
     if gguf:
         try:
-            return AutoConfig.from_pretrained(folder, gguf_file=gguf, local_files_only=True,
-                                              trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(folder, gguf_file=gguf, local_files_only=True,
+                                                trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot read the GGUF file {folder / gguf}: {exc} (is the gguf package installed?)") from None
+        check_config_values(config, f"the GGUF file {folder / gguf}")
+        return config
     if not cfg_file.is_file():
         raise ModelLoadError(
             f"'{folder}' is not a model folder: it has no config.json "
             "(give a transformers folder saved with save_pretrained, an .onnx file, or an alias)"
         )
     try:
-        json.loads(cfg_file.read_text())
-        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        doc = json.loads(cfg_file.read_text())
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         raise ModelLoadError(f"cannot read {cfg_file}: {exc}") from None
+    check_config_values(doc, str(cfg_file))  # before the config class builds anything per layer
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise ModelLoadError(f"cannot read {cfg_file}: {exc}") from None
+    check_config_values(config, str(cfg_file))
+    return config
 
 
 def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
@@ -138,6 +149,7 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not weights:
         raise ModelLoadError(f"'{folder}' has a config.json but no weights (*.safetensors / *.bin)")
+    check_config_size(config, folder, weights, auto, trust_remote_code)  # before anything of its size is built
     try:
         if _has_pruned_bert_heads(config):
             model = _load_pruned_bert(auto, folder, config, trust_remote_code)
@@ -146,8 +158,202 @@ def load_hf(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any, st
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt/truncated weights, unknown architecture
+        if _pickle_refused(exc):
+            binary = next((p for p in weights if p.suffix == ".bin"), folder / "pytorch_model.bin")
+            raise ModelLoadError(_pickle_message(binary)) from None
         raise ModelLoadError(f"cannot load the model in '{folder}': {type(exc).__name__}: {exc}") from None
     return model.eval(), tokenizer_in(folder, trust_remote_code), kind
+
+
+def _pickle_refused(exc: BaseException) -> bool:
+    """torch.load(weights_only=True) refused an object in a pickled .bin (its message, many lines long,
+    would advise weights_only=False: running the file's code)."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc)
+
+
+def _pickle_message(binary: Path) -> str:
+    convert = ("python -c \"import torch; from safetensors.torch import save_file; "
+               f"save_file(torch.load('{binary.name}', weights_only=False), 'model.safetensors')\"")
+    return (f"'{binary}' holds pickled Python objects besides tensors, which safe loading (weights_only) refuses: "
+            "unpickling them could run any code, and compress never does; if you trust where the file comes from, "
+            f"convert it to safetensors in that folder, e.g. {convert}, or give a folder with model.safetensors")
+
+
+# ---- a config.json against what its weight files hold: a crafted config must not allocate ----------
+
+# Sizes no real model has; beyond them a config is refused before anything is built (GGUF folders
+# included, whose tensors are not compared). {field: largest value}; every one must be >= 0.
+# Checked on the raw JSON too: a config class may build a list per layer as it is created.
+CONFIG_CAPS = {"vocab_size": 10_000_000, "hidden_size": 131_072, "intermediate_size": 1_048_576,
+               "num_hidden_layers": 4096, "num_attention_heads": 65_536, "num_key_value_heads": 65_536,
+               "head_dim": 65_536, "attention_head_size": 65_536, "max_position_embeddings": 2**27,
+               "type_vocab_size": 1_048_576, "num_local_experts": 16_384, "num_experts": 16_384,
+               "n_routed_experts": 16_384, "moe_intermediate_size": 1_048_576, "num_experts_per_tok": 16_384,
+               # the same sizes under other families' names (GPT-2, T5, OPT, ...)
+               "n_layer": 4096, "num_layers": 4096, "n_embd": 131_072, "d_model": 131_072, "n_head": 65_536,
+               "n_positions": 2**27, "n_ctx": 2**27, "n_inner": 1_048_576, "d_ff": 1_048_576, "ffn_dim": 1_048_576}
+SIZE_SLACK, SIZE_MARGIN = 2, 1_000_000  # a config may describe at most 2x the parameters the files hold, + 1M
+ABSOLUTE_POSITIONS = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "distilbert",
+                      "albert", "mpnet", "ernie", "megatron-bert", "data2vec-text", "roberta-prelayernorm", "gpt2",
+                      "gpt_neo", "gpt_bigcode", "opt", "biogpt", "layoutlm", "mobilebert", "squeezebert"}
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def _configs(config: Any) -> list[Any]:
+    """The config and its text config (multimodal configs nest the language model's sizes); for a raw
+    config.json (a dict), it and its nested *_config objects."""
+    if isinstance(config, dict):
+        return [config, *(v for k, v in config.items() if isinstance(k, str) and k.endswith("_config") and isinstance(v, dict))]
+    try:
+        text = config.get_text_config()
+    except Exception:  # noqa: BLE001 - an old or custom config class
+        text = config
+    return [config] if text is None or text is config else [config, text]
+
+
+def _field(cfg: Any, *names: str) -> tuple[str, int] | None:
+    for name in names:
+        try:
+            value = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+        except Exception:  # noqa: BLE001 - a config class's property that cannot answer
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return name, value
+    return None
+
+
+def check_config_values(config: Any, where: str) -> None:
+    """Refuse sizes no real model has (CONFIG_CAPS), before anything is built from the config.
+    `config`: a transformers config, or the parsed config.json (checked before transformers reads it)."""
+    problems = []
+    for cfg in _configs(config):
+        for name, cap in CONFIG_CAPS.items():
+            found = _field(cfg, name)
+            if found and not 0 <= found[1] <= cap:
+                problems.append(f"{name} is {short(found[1], 40)} (a real model has 0 to {cap:,})")
+    if problems:
+        raise ModelLoadError(f"{where}: {'; '.join(dict.fromkeys(problems))}: is the file edited or crafted?")
+
+
+def config_params(config: Any) -> tuple[int, list[str]]:
+    """A lower estimate of the parameters a transformers config describes (embeddings, attention
+    query + output, two FFN matrices per expert, absolute position embeddings), and the fields used.
+    Fields differ per family; transformers' attribute_map gives most the common names
+    (GPT-2's n_embd is hidden_size); an unknown field counts as 0."""
+    cfg = _configs(config)[-1]
+    used: dict[str, int] = {}
+
+    def get(*names: str) -> int:
+        found = _field(cfg, *names)
+        if found is None:
+            return 0
+        used[found[0]] = found[1]
+        return max(found[1], 0)
+
+    vocab, hidden, layers = get("vocab_size"), get("hidden_size", "d_model", "n_embd"), get("num_hidden_layers", "num_layers", "n_layer")
+    heads = get("num_attention_heads", "n_head")
+    head_dim = get("head_dim", "attention_head_size") or (hidden // heads if heads else 0)
+    ffn = get("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+    experts = get("num_local_experts", "num_experts", "n_routed_experts") or 1
+    if experts > 1:
+        per_expert = get("moe_intermediate_size") or ffn
+        ffn = min(ffn, per_expert * experts) if ffn else per_expert * experts  # shared or dense layers: the smaller
+    positions = get("max_position_embeddings", "n_positions") if getattr(cfg, "model_type", None) in ABSOLUTE_POSITIONS else 0
+    total = (vocab + positions) * hidden + layers * (2 * hidden * heads * head_dim + 2 * hidden * ffn)
+    return total, [f"{k} {short(v, 30)}" for k, v in used.items()]
+
+
+def weight_file_params(files: list[Path]) -> int:
+    """Parameters the weight files hold, no tensor data read: shapes from safetensors headers
+    (8-byte length + JSON, read bounded), or from a .bin unpickled with weights_only=True and
+    memory-mapped (a .bin whose pickle safe loading refuses is refused here, with the way out);
+    else a file's size in bytes, which no parameter is smaller than."""
+    total = 0
+    for path in files:
+        size = path.stat().st_size
+        count = _safetensors_count(path) if path.suffix == ".safetensors" else _bin_count(path) if path.suffix == ".bin" else None
+        total += size if count is None else min(count, size)
+    return total
+
+
+def _bin_count(path: Path) -> int | None:
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - a legacy (non-zip) file cannot be mapped: its size bounds it
+        if _pickle_refused(exc):
+            raise ModelLoadError(_pickle_message(path)) from None
+        return None
+    if not isinstance(state, dict):
+        return None
+    return sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _safetensors_count(path: Path) -> int:
+    """The parameters a safetensors header declares; a header that cannot be read is an error here."""
+    import math
+
+    def corrupt(why: str) -> ModelLoadError:
+        return ModelLoadError(f"cannot load the model in '{path.parent}': '{path.name}' is not a valid safetensors file "
+                              f"({why}); the file is truncated or corrupt")
+
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little")
+            if len(head) < 8 or not 0 < n <= MAX_SAFETENSORS_HEADER:
+                raise corrupt(f"its header length is {n:,} bytes" if len(head) == 8 else "it is shorter than 8 bytes")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise corrupt(exc.strerror or str(exc)) from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError
+        raise corrupt("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    total = 0
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) and name != "__metadata__" else []
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise corrupt(f"tensor {short(name, 60)} has no valid shape")
+        total += math.prod(shape)
+    size = path.stat().st_size
+    if total > 2 * size:  # no dtype stores a parameter in less than half a byte
+        raise corrupt(f"its header declares {total:,} parameters, more than its {size:,} bytes can hold")
+    return total
+
+
+def check_config_size(config: Any, folder: Path, weights: list[Path], auto: Any = None,
+                      trust_remote_code: bool = False) -> None:
+    """Refuse a config that describes far more parameters than its weight files hold (a crafted
+    num_hidden_layers or hidden_size would otherwise build, and randomly initialise, a model of that
+    size before the mismatch is found). First a formula (cheap, whatever the numbers), then the
+    model's exact count built on the meta device (no memory). GGUF folders: their shapes are in the
+    gguf file; only the absolute caps apply."""
+    if gguf_file(folder):
+        return
+    held = weight_file_params(weights)
+    limit = SIZE_SLACK * held + SIZE_MARGIN
+    estimate, used = config_params(config)
+    where = f"'{folder / 'config.json'}'"
+    tail = (f"but the weight files hold {held:,}: the config.json does not belong to these weights "
+            "(or was edited); compress does not build a model its checkpoint cannot fill")
+    if estimate > limit:
+        raise ModelLoadError(f"{where} describes at least {estimate:,} parameters ({', '.join(used)}), {tail}")
+    if auto is None or _has_pruned_bert_heads(config):
+        return
+    try:
+        import torch
+
+        with torch.device("meta"):
+            skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+        exact = sum(p.numel() for p in skeleton.parameters())
+    except Exception:  # noqa: BLE001 - the real load names what is wrong with the config
+        return
+    if exact > limit:
+        raise ModelLoadError(f"{where} describes a {type(skeleton).__name__} of {exact:,} parameters, {tail}")
 
 
 def _from_pretrained(auto: Any, folder: Path, weights: list[Path], trust_remote_code: bool) -> Any:
@@ -159,16 +365,27 @@ def _from_pretrained(auto: Any, folder: Path, weights: list[Path], trust_remote_
                                      trust_remote_code=trust_remote_code, gguf_file=gguf)
         _forget_gguf_quantizer(model)
         return model
+    # ignore_mismatched_sizes: transformers then reports mis-shaped weights in the loading info (else it
+    # raises, pointing at a report it only logs), and check_weights_fit refuses the model, naming them
     model, info = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
                                        trust_remote_code=trust_remote_code, weights_only=True,
-                                       output_loading_info=True)
+                                       output_loading_info=True, ignore_mismatched_sizes=True)
     # transformers already leaves out tied weights and unsaved buffers (position_ids)
     missing, unexpected = _in_model_order(model, info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
-    mismatched = sorted(str(k[0] if isinstance(k, (list, tuple)) else k) for k in info.get("mismatched_keys", ()))
+    shapes = {str(e[0] if isinstance(e, (list, tuple)) else e): e for e in info.get("mismatched_keys", ())}
+    mismatched = [_mismatch(shapes[k]) for k in _in_model_order(model, shapes)]
     if _drop_unsaved_pooler(model, missing):
         missing = []
     check_weights_fit(_weights_label(folder, weights), missing, unexpected, mismatched, info.get("error_msgs") or [])
     return model
+
+
+def _mismatch(entry: Any) -> str:
+    """transformers' (name, shape in the checkpoint, shape the config gives) as one phrase."""
+    if isinstance(entry, (list, tuple)) and len(entry) == 3:
+        name, stored, wanted = entry
+        return f"{name}: {tuple(stored)} in the checkpoint, {tuple(wanted)} by the config"
+    return str(entry[0] if isinstance(entry, (list, tuple)) else entry)
 
 
 def _in_model_order(model: Any, keys: Any) -> list[str]:

@@ -9,7 +9,10 @@ to put the finished folder in place. The rules:
 - an existing OUTDIR is replaced only with `overwrite`, and only when compress wrote it: every
   output folder carries a small marker file (`MARKER`); anything else is refused, so --overwrite
   can never empty a folder of the user's;
-- a path whose parent is a file is refused with a message, not a traceback.
+- `~` is expanded (as the shell does not in `--output=~/x`); callers write where `claim` returns;
+- a path whose parent is a file, a name too long for the folders built beside it, and a place
+  that cannot be written (no permission, a read-only or pseudo file system such as /proc) are
+  refused with a message, not a traceback.
 Replacing is a rename of the finished folder into place; the old one is removed only after."""
 from __future__ import annotations
 
@@ -20,9 +23,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
-from compress.errors import OutputExistsError, UserError
+from compress.errors import OutputExistsError, UserError, exists, short_path, stat_or_none
 
 MARKER = ".compress-output.json"  # in every folder compress writes; --overwrite replaces only these
+NAME_MAX = 255  # bytes in one part of a path (Linux, macOS, Windows)
+BESIDE = 22  # what the longest folder built beside OUTDIR adds to its name: ".NAME.tmp-1234abcd-4194304"
+PSEUDO_FILE_SYSTEMS = {"proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore",
+                       "bpf", "configfs", "fusectl", "mqueue", "efivarfs", "binfmt_misc", "autofs", "nsfs"}
 
 
 def work_dir(outdir: Path) -> Path:
@@ -33,8 +40,11 @@ def work_dir(outdir: Path) -> Path:
 def claim(outdir: str | Path, inputs: Iterable[Any], overwrite: bool, *, work: Path | None = None) -> Path:
     """Check that `outdir` may be written (see the module docstring); raise one UserError if not.
     `inputs` are paths (or strings naming paths; anything else, like a corpus name, is skipped).
-    `work` is the temporary folder the command builds in, when it is not fresh (runs)."""
-    outdir = Path(outdir)
+    `work` is the temporary folder the command builds in, when it is not fresh (runs).
+    Returns OUTDIR with `~` expanded: the path to write."""
+    outdir = Path(outdir).expanduser()
+    work = Path(work).expanduser() if work is not None else None
+    _check_name(outdir)
     out = outdir.resolve()
     _check_place(outdir, out)
     for item in inputs:
@@ -50,12 +60,22 @@ def claim(outdir: str | Path, inputs: Iterable[Any], overwrite: bool, *, work: P
         if work is not None and work.resolve() in path.parents:
             raise UserError(f"the input '{item}' lives inside '{work}', the unfinished run folder that this run "
                             f"clears or reuses: copy it out of there first, or choose another -o")
-    if outdir.exists() or outdir.is_symlink():
+    if exists(outdir) or outdir.is_symlink():
         _check_replaceable(outdir, overwrite)
-    if work is not None and work.exists() and not is_ours(work):
+    if work is not None and exists(work) and not is_ours(work):
         raise UserError(f"'{work}' exists and was not written by compress (no {MARKER} in it): "
                         "move it away, or choose another -o")
     return outdir
+
+
+def _check_name(outdir: Path) -> None:
+    """A path the system refuses to look up (a part over 255 bytes, the whole over 4096), or a name
+    too long for the folders built beside it (`.NAME.partial`, `.NAME.tmp-...`)."""
+    stat_or_none(outdir)  # raises a UserError naming the path when it cannot be looked up
+    size = len(os.fsencode(outdir.name))
+    if size + BESIDE > NAME_MAX:
+        raise UserError(f"output directory name '{short_path(outdir.name)}' is {size} bytes long: at most "
+                        f"{NAME_MAX - BESIDE} (compress builds it beside as .NAME.partial); choose a shorter -o")
 
 
 def _check_place(outdir: Path, out: Path) -> None:
@@ -68,7 +88,43 @@ def _check_place(outdir: Path, out: Path) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write '{outdir}': '{parent}' is a file, not a folder; choose another -o")
+            why = _unwritable(parent)
+            if why:
+                raise UserError(f"cannot write '{outdir}': {why}; choose another -o")
             break
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in `folder` (an existing folder), when a cheap look tells."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"you may not create files in '{folder}'"
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"'{folder}' is on a read-only file system"
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        pass
+    kind = _file_system(folder)
+    if kind in PSEUDO_FILE_SYSTEMS:
+        return f"'{folder}' is on the {kind} pseudo file system, which holds no files of ours"
+    return None
+
+
+def _file_system(folder: Path) -> str | None:
+    """The type of the file system `folder` is on, from /proc/self/mounts (Linux); None elsewhere."""
+    try:
+        lines = Path("/proc/self/mounts").read_text(errors="replace").splitlines()[:10000]
+    except OSError:
+        return None
+    where, best, kind = str(folder.resolve()), -1, None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = where == point or where.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:  # the last of equal mount points is the one in effect
+            best, kind = len(point), parts[2]
+    return kind
 
 
 def _check_replaceable(outdir: Path, overwrite: bool) -> None:

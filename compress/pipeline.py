@@ -166,6 +166,7 @@ class Pipeline:
                 console.print(f"[bold][{index}/{n}] {cfg.describe()}[/bold]")
                 state = _run_one(state, cfg, ctx)
             seconds = time.perf_counter() - t0
+            t_measure = time.perf_counter()
             try:
                 if cfg is None:
                     rec, ref = _measure_input(state, how, console)
@@ -177,7 +178,8 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - a graph the pass wrote that does not run: name the stage
                 raise PassFailed(index, name, exc, during=" when its output was measured") from exc
             rec = {"index": index, "name": name, "config": cfg.to_dict() if cfg else None, **rec,
-                   "seconds": round(seconds, 3), **ctx.notes}
+                   "seconds": round(seconds, 3), "measure_seconds": round(time.perf_counter() - t_measure, 3),
+                   **ctx.notes}
             state = stages.save(state.with_record(rec), sdir, key)
             console.print("    " + stages.one_line(rec))
         return state

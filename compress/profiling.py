@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from compress.errors import UserError
+from compress.errors import UserError, short
 from compress.generate import CacheStepper, context_limit, decode_tokens  # generation timing runs the real loop
 from compress.runtime import OnnxRunner, input_specs, is_past, session, tokenize
 
@@ -39,8 +39,48 @@ class LatencySettings:
     new_tokens: int = 16  # greedy tokens per generation run; decode speed counts the 2nd to the last
     generate_runs: int = 3  # timed generation runs (median), after one untimed run when warmup > 0
 
+    def __post_init__(self):
+        """The bounds of the profile pass and `compress profile` (LIMITS); threads above what this
+        machine can run (thread_cap) are cut to it: oversubscribed threads only wait for each other."""
+        problems = check_limits(self.as_dict())
+        if problems:
+            raise UserError("latency settings: " + "; ".join(problems))
+        object.__setattr__(self, "threads", min(self.threads, thread_cap()))
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# Upper bounds of what a latency measurement may ask for (the profile pass's fields and `compress
+# profile`'s options have the same): beyond them a run exhausts memory, or threads starve each other.
+LIMITS = {"batch": 256, "seq": 8192, "threads": 256, "warmup": 1000, "runs": 100_000, "prompt_tokens": 32768,
+          "new_tokens": 4096, "generate_runs": 1000}
+MAX_TOKENS = 2**20  # batch x seq: one run's input (attention memory grows with batch x seq x seq)
+
+
+def check_limits(values: dict) -> list[str]:
+    """What is out of bounds in {setting: value} (LIMITS, at least 1 (warmup: 0), batch x seq)."""
+    problems = []
+    for key, value in values.items():
+        if key not in LIMITS:
+            continue
+        low = 0 if key == "warmup" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= LIMITS[key]:
+            problems.append(f"{key} must be a whole number from {low} to {LIMITS[key]} (got {short(value, 40)})")
+    batch, seq = values.get("batch"), values.get("seq")
+    if not problems and isinstance(batch, int) and isinstance(seq, int) and batch * seq > MAX_TOKENS:
+        problems.append(f"batch x seq is {batch * seq:,} tokens, over the {MAX_TOKENS:,} one run may take: "
+                        "lower batch or seq")
+    return problems
+
+
+def thread_cap() -> int:
+    """The most intra-op threads worth running here: 4 per CPU core (more only wait for each other)."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 4 * max(cores, 1)
 
 
 def real_feed(tokenizer: Any, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:

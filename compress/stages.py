@@ -141,4 +141,5 @@ def one_line(rec: dict) -> str:
     lat = rec.get("latency_ms") or {}
     lat_s = f"p50={lat['p50']:.2f} ms" if lat else ""
     size = f"{rec['bytes'] / 1e6:.1f} MB" if rec.get("bytes") else ""
-    return " | ".join(x for x in (f"{rec['seconds']:.1f}s", size, fid_s, met, lat_s) if x)
+    measured = f"measured in {rec['measure_seconds']:.1f}s" if rec.get("measure_seconds") is not None else ""
+    return " | ".join(x for x in (f"{rec['seconds']:.1f}s", size, fid_s, met, lat_s, measured) if x)

@@ -19,14 +19,15 @@ On a device, `riq_format.decode_weights(path)` needs only numpy and constriction
 
 A file that was not written by export.riq (crafted, or mismatched) ends in one UserError, before
 the output folder appears: riq_format bounds what the file declares; an onnx graph must parse,
-name exactly the stored tensors with their dims and dtypes (coded ones as float32), and load in
-onnxruntime; a transformers config.json must be a JSON object whose model_type transformers knows
+name exactly the stored tensors with their dims and dtypes (coded ones as float32), pass onnx.checker
+(as every .onnx input of `compress run` / `profile` must) and load in onnxruntime; a transformers config.json must be a JSON object whose model_type transformers knows
 (no code from the file ever runs: no auto_map, no trust_remote_code), and the folder must load with
 `models.load_hf`, as `compress run` would load it, with every parameter stored."""
 from __future__ import annotations
 
 import json
 import shutil
+import stat
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,12 +39,13 @@ from pydantic import Field
 from compress import outputs
 from compress.config import PassConfig
 from compress.context import PassContext
-from compress.errors import UserError
+from compress.errors import UserError, short, short_path, stat_or_none
 from compress.exporters import riq_format
 from compress.registry import PassSpec
 from compress.report import fmt, mb, stage_label
 from compress.state import ModelState
 
+WEIGHTS = ("float", "int8")  # what decode() can give: float32 weights, or int8 codes behind DequantizeLinear
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "added_tokens.json", "chat_template.jinja")
 
@@ -124,10 +126,13 @@ def _fill_graph(graph_bytes: bytes, tensors: list, weights: str):
 
 def decode(path: Path, outdir: Path, weights: str = "float", overwrite: bool = False) -> dict:
     """Rebuild a runnable model from a .riq file into a new folder (written atomically)."""
-    path, outdir = Path(path), Path(outdir)
-    if not path.is_file():
-        raise UserError(f"'{path}' does not exist or is not a file")
-    outputs.claim(outdir, [path], overwrite)  # never the .riq's own folder, the cwd, or a folder not ours
+    if weights not in WEIGHTS:
+        raise UserError(f"weights must be one of {', '.join(WEIGHTS)} (got {short(weights)})")
+    path = Path(path).expanduser()
+    st = stat_or_none(path)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        raise UserError(f"'{short_path(path)}' does not exist or is not a file")
+    outdir = outputs.claim(outdir, [path], overwrite)  # never the .riq's own folder, the cwd, or a folder not ours
     t0 = time.perf_counter()
     try:
         tensors, meta = riq_format.read(path)
@@ -150,7 +155,7 @@ def decode(path: Path, outdir: Path, weights: str = "float", overwrite: bool = F
         outputs.publish(tmp, outdir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {**info, "kind": held, "read_seconds": seconds_read, "seconds": time.perf_counter() - t0}
+    return {**info, "kind": held, "outdir": outdir, "read_seconds": seconds_read, "seconds": time.perf_counter() - t0}
 
 
 def _write_decoded(folder: Path, held: str, tensors: list, meta: dict[str, bytes], weights: str) -> dict:
@@ -166,6 +171,7 @@ def _write_decoded(folder: Path, held: str, tensors: list, meta: dict[str, bytes
         onnx.save(model, str(folder / "model.onnx"), save_as_external_data=model.ByteSize() > 1_800_000_000,
                   location="model.onnx.data")
         _check_onnxruntime_loads(folder / "model.onnx")
+        _check_onnx_checker(folder / "model.onnx")  # as models.check_onnx: `compress run` / `profile` would refuse it
         return {"model": "model.onnx", "int8_tensors": n_int8}
     from safetensors.numpy import save_file
 
@@ -228,6 +234,18 @@ def _graph_tensors(model, tensors: list) -> dict[str, tuple]:
     return out
 
 
+def _check_onnx_checker(path: Path) -> None:
+    """onnx.checker, as models.check_onnx runs it on every .onnx input: a graph that onnxruntime loads
+    but the checker refuses would decode here and then be refused by `compress profile` / `run`."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - ValidationError, protobuf errors: any failure is the file's
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the decoded ONNX model is not valid ONNX (onnx.checker: {first[:300]}): {REEXPORT}") from None
+
+
 def _check_onnxruntime_loads(path: Path) -> None:
     import onnxruntime as ort
 
@@ -254,6 +272,13 @@ def _config(meta: dict[str, bytes]) -> dict:
         raise UserError(f"the file's config.json must be a JSON object with a model_type string (got {got}): {REEXPORT}")
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from compress import models
+
+    try:
+        models.check_config_values(cfg, "the file's config.json")  # before the config class builds anything per layer
+    except UserError as exc:
+        raise UserError(f"{exc}: {REEXPORT}") from None
 
     if cfg["model_type"] not in CONFIG_MAPPING:  # never auto_map / trust_remote_code: no code from the file runs
         raise UserError(f"the file's config.json names model_type {cfg['model_type']!r}, which this transformers "

@@ -7,11 +7,11 @@ generates. Its settings are also the ones the pipeline uses to time every stage,
 compares like with like."""
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.config import PassConfig
 from compress.context import PassContext
-from compress.profiling import LatencySettings, profile_file
+from compress.profiling import LIMITS, LatencySettings, check_limits, profile_file
 from compress.registry import ALL_KINDS, PassSpec
 from compress.report import DASH, fmt, is_num, mb, md_table, stage_label
 from compress.state import ModelState
@@ -19,16 +19,23 @@ from compress.state import ModelState
 
 class Profile(PassConfig):
     pass_name = "profile"
-    batch: int = Field(1, ge=1, le=256, description="rows per run")
-    seq: int = Field(128, ge=1, le=8192, description="tokens per row (real text, truncated / repeated to fit)")
-    threads: int = Field(2, ge=1, le=256, description="intra-op threads (pinned)")
-    warmup: int = Field(10, ge=0, le=1000, description="untimed runs first")
-    runs: int = Field(50, ge=5, le=100000, description="timed runs for the percentiles")
-    prompt_tokens: int = Field(64, ge=1, le=32768, description=(
+    batch: int = Field(1, ge=1, le=LIMITS["batch"], description="rows per run (batch x seq at most 2**20 tokens)")
+    seq: int = Field(128, ge=1, le=LIMITS["seq"], description="tokens per row (real text, truncated / repeated to fit)")
+    threads: int = Field(2, ge=1, le=LIMITS["threads"], description="intra-op threads (pinned; at most 4 per CPU core are used)")
+    warmup: int = Field(10, ge=0, le=LIMITS["warmup"], description="untimed runs first")
+    runs: int = Field(50, ge=5, le=LIMITS["runs"], description="timed runs for the percentiles")
+    prompt_tokens: int = Field(64, ge=1, le=LIMITS["prompt_tokens"], description=(
         "causal LMs with a KV cache: real held-out tokens in the prompt whose time to first token is measured"))
-    new_tokens: int = Field(32, ge=2, le=4096, description=(
+    new_tokens: int = Field(32, ge=2, le=LIMITS["new_tokens"], description=(
         "causal LMs with a KV cache: greedy tokens per generation run (decode tokens/s over the 2nd to the last)"))
-    generate_runs: int = Field(3, ge=1, le=1000, description="causal LMs with a KV cache: timed generation runs (median)")
+    generate_runs: int = Field(3, ge=1, le=LIMITS["generate_runs"], description="causal LMs with a KV cache: timed generation runs (median)")
+
+    @model_validator(mode="after")
+    def _tokens_per_run(self) -> "Profile":
+        problems = check_limits({"batch": self.batch, "seq": self.seq})
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def latency_settings(self) -> LatencySettings:
         return LatencySettings(self.batch, self.seq, self.threads, self.warmup, self.runs, self.prompt_tokens,

@@ -238,3 +238,92 @@ def test_cli_onnx_with_inputs_we_cannot_feed(tmp_path):
     code, out = _run("run", str(path), "--pass", "quant.int8", "-o", str(tmp_path / "o"))
 
     assert code == 2 and "graph inputs this tool can't feed: ['foo']" in out
+
+
+# ---- bounds of profile / generate, failed runs, OSErrors, Ctrl-C before a command runs (review) ----
+
+def test_cli_profile_options_have_the_profile_pass_bounds():
+    import typer.main
+
+    from compress.passes.profile import Profile
+    from compress.profiling import LIMITS
+
+    command = typer.main.get_command(app).commands["profile"]
+    maxima = {p.name: p.max for p in command.params if getattr(p, "max", None) is not None}
+
+    assert maxima == {key: LIMITS[key] for key in maxima}
+    assert set(maxima) == {"batch", "seq", "threads", "warmup", "runs", "prompt_tokens", "new_tokens"}
+    assert all([m.le for m in Profile.model_fields[key].metadata if hasattr(m, "le")] == [LIMITS[key]] for key in maxima)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq", "1000000000"], "Invalid value for '--seq'"),
+    (["--batch", "1000000000"], "Invalid value for '--batch'"),
+    (["--threads", "100000"], "Invalid value for '--threads'"),
+    (["--batch", "200", "--seq", "8000"], "batch x seq is 1,600,000 tokens, over the 1,048,576 one run may take"),
+])
+def test_cli_profile_refuses_sizes_that_exhaust_memory_before_reading_the_model(args, message, tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")  # never read: the settings are refused first (or it is refused)
+
+    code, out = _run("profile", str(tmp_path / "model.onnx"), *args)
+
+    assert code == 2 and message in " ".join(out.split())
+
+
+def test_latency_settings_and_profile_pass_refuse_what_the_cli_refuses():
+    from pydantic import ValidationError
+
+    from compress.errors import UserError
+    from compress.passes.profile import Profile
+    from compress.profiling import LatencySettings, thread_cap
+
+    with pytest.raises(UserError, match="batch must be a whole number from 1 to 256"):
+        LatencySettings(batch=10**9)
+    with pytest.raises(UserError, match="batch x seq is 2,097,152 tokens"):
+        LatencySettings(batch=256, seq=8192)
+    with pytest.raises(ValidationError, match="batch x seq is 2,097,152 tokens"):
+        Profile(batch=256, seq=8192)
+    assert LatencySettings(threads=256).threads == min(256, thread_cap())  # more threads than cores only wait
+
+
+def test_cli_profile_says_the_model_cannot_run_a_sequence_longer_than_its_positions(tiny_onnx):
+    code, out = _run("profile", str(tiny_onnx), "--seq", "600", "--runs", "5", "--warmup", "0")
+    text = " ".join(out.split())
+
+    assert code == 2 and text.startswith("error: the model cannot run batch 1 x seq 600: ")
+    assert text.endswith("; the model accepts at most 512 positions") and "[ONNXRuntimeError]" not in text
+
+
+def test_cli_turns_an_os_error_outside_a_pass_into_one_line_and_keeps_exit_1_for_a_failed_pass(monkeypatch, tmp_path):
+    import errno
+
+    from compress.errors import PassFailed
+    from compress.pipeline import Pipeline
+
+    raised = [OSError(errno.ENAMETOOLONG, "File name too long", "n" * 1000), PassFailed(1, "quant.int8", OSError("disk"))]
+
+    def run(self, *args, **kwargs):
+        raise raised.pop(0)
+
+    monkeypatch.setattr(Pipeline, "run", run)
+    code, out = _run("run", "--pass", "export.onnx", "-o", str(tmp_path / "o"))
+    assert code == 2 and " ".join(out.split()).startswith("error: cannot use 'nnnn") and "...nnn" in out
+    assert out.strip().endswith("': File name too long") and len(out) < 400
+
+    code, out = _run("run", "--pass", "export.onnx", "-o", str(tmp_path / "o"))
+    assert code == 1 and "failed: pass 1 'quant.int8' failed: OSError: disk" in out
+
+
+def test_cli_main_exits_130_without_traceback_when_interrupted_before_a_command_runs(monkeypatch, capsys):
+    from compress import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as caught:
+        cli.main()
+
+    assert caught.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err

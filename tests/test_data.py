@@ -90,3 +90,46 @@ def test_data_names_line_and_offset_when_file_is_not_utf8(tmp_path):
 
     with pytest.raises(DataError, match=r"d.txt:4: not UTF-8 text \(byte 0xe9 at offset 12\).*iconv -f latin1 -t utf-8"):
         data.read_text_file(path)
+
+
+# ---- files that are not regular files, values that are not paths (review F9, F12) ----------------
+
+@pytest.fixture
+def no_hang():
+    """A read from a pipe would wait for a writer forever: fail the test instead."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("data.load read from a pipe or a device")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_data_refuses_a_pipe_or_a_device_without_reading_it(tmp_path, no_hang, kind):
+    import os
+
+    path = tmp_path / "fifo.txt" if kind == "fifo" else "/dev/zero"
+    if kind == "fifo":
+        os.mkfifo(path)
+
+    with pytest.raises(DataError, match=f"data '{path}' is not a regular file \\(a pipe, a device or a socket\\)"):
+        data.load(str(path))
+
+
+@pytest.mark.parametrize("spec", [5, 3.5, ["a", "b"], b"news.txt"])
+def test_data_names_the_type_when_the_spec_is_not_a_path(spec):
+    with pytest.raises(DataError, match=f"data must be a file path \\(str or Path\\) or one of \\['lee', 'wiki'\\]; "
+                                        f"got {type(spec).__name__}"):
+        data.load(spec)
+
+
+def test_data_reads_a_file_under_the_home_folder_when_the_spec_starts_with_tilde(tmp_path, monkeypatch, text_file):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "news.txt").write_bytes(text_file.read_bytes())
+
+    assert data.load("~/news.txt").summary() == data.load(str(text_file)).summary() | {"source": str(tmp_path / "news.txt")}

@@ -121,7 +121,7 @@ def test_self_data_texts_are_the_teachers_greedy_continuations_of_each_prompt(sh
 
     assert len(out) == len(texts) and not set(out) & set(texts)
     for text, regenerated in zip(texts, out):
-        prompt = tok(text, truncation=True, max_length=8, return_tensors="pt")["input_ids"][0]  # 8 tokens, specials included
+        prompt = tok(text, truncation=True, max_length=8, return_tensors="pt")["input_ids"][0]  # specials included
         expected = _greedy(teacher, prompt, 24 - 8, teacher.generation_config.eos_token_id)
         assert regenerated == tok.decode(expected, skip_special_tokens=True)
         assert regenerated.startswith(tok.decode(prompt, skip_special_tokens=True))

@@ -256,9 +256,14 @@ def test_load_hf_does_not_unpickle_code_when_checkpoint_is_bin(tiny_bert, tmp_pa
     (folder / "model.safetensors").unlink()
     torch.save({"embeddings.word_embeddings.weight": _Payload(tmp_path / MARKER)}, folder / "pytorch_model.bin")
 
-    with pytest.raises(ModelLoadError, match="cannot load the model"):
+    with pytest.raises(ModelLoadError) as caught:
         models.load_hf(folder)
     assert _markers(tmp_path) == []  # weights_only: the pickle's call was refused, not made
+    message = str(caught.value)  # our one line, not torch's advice to load with weights_only=False
+    assert message.startswith(f"'{folder / 'pytorch_model.bin'}' holds pickled Python objects besides tensors, which "
+                              "safe loading (weights_only) refuses")
+    assert "give a folder with model.safetensors" in message and "\n" not in message
+    assert "will likely succeed" not in message
 
 
 def test_load_module_names_weights_when_cnn_checkpoint_does_not_fit(tmp_path):
@@ -279,3 +284,111 @@ def test_load_module_names_weights_when_cnn_checkpoint_does_not_fit(tmp_path):
 
     with pytest.raises(ModelLoadError, match=r"1 weight missing \(3\.weight\), 1 weight unexpected \(4\.weight\)"):
         images.load_module(tmp_path / "cnn", model=net())
+
+
+# --- configs that describe more than their weights hold; mis-shaped weights (review F4, F5) ---------
+
+def _with_config(tiny: Path, tmp_path: Path, **changes) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": 10**6}, "config.json: num_hidden_layers is 1000000 (a real model has 0 to 4,096): "
+                                   "is the file edited or crafted?"),
+    ({"hidden_size": 10**9}, "hidden_size is 1000000000 (a real model has 0 to 131,072)"),
+    ({"vocab_size": 10**12, "num_hidden_layers": 10**6}, "vocab_size is 1000000000000"),
+    ({"max_position_embeddings": 10**10}, "max_position_embeddings is 10000000000"),
+    ({"intermediate_size": -64}, "intermediate_size is -64"),
+    ({"num_hidden_layers": 1000}, "config.json' describes at least 7,137,088 parameters (vocab_size 30522, hidden_size 32, "
+                                  "num_hidden_layers 1000, num_attention_heads 4, intermediate_size 64, "
+                                  "max_position_embeddings 512), but the weight files hold 1,"),
+    ({"intermediate_size": 100_000}, "describes at least"),
+    ({"max_position_embeddings": 10**6}, "max_position_embeddings 1000000), but the weight files hold"),
+])
+def test_load_hf_refuses_a_config_its_weights_cannot_fill_before_building_the_model(tiny_bert, tmp_path, changes,
+                                                                                      message):
+    import time
+
+    folder = _with_config(tiny_bert, tmp_path, **changes)
+    t0 = time.perf_counter()
+
+    with pytest.raises(ModelLoadError) as caught:
+        models.load_hf(folder)
+
+    assert message in str(caught.value)
+    assert time.perf_counter() - t0 < 10  # refused from the numbers: nothing of that size is built
+
+
+def test_load_hf_counts_the_built_model_when_the_formula_cannot_see_the_extra_size(tiny_llama, tmp_path):
+    # key/value projections are hidden x (kv heads x head_dim): outside the lower estimate, in the meta-device count
+    folder = _with_config(tiny_llama, tmp_path, num_key_value_heads=4000)
+
+    with pytest.raises(ModelLoadError, match=r"describes a LlamaForCausalLM of 6,065,952 parameters, but the weight "
+                                             r"files hold 1,972,001"):
+        models.load_hf(folder)
+
+
+def test_cli_refuses_a_config_of_a_million_layers_in_seconds(tiny_bert, text_file, tmp_path):
+    from compress.recipe import default_recipe_path
+
+    folder = _with_config(tiny_bert, tmp_path, num_hidden_layers=10**6)
+
+    for args in (["run", str(folder), "-o", str(tmp_path / "out"), "--pass", "export.onnx", "--data", str(text_file)],
+                 ["validate", str(default_recipe_path()), "--model", str(folder)]):
+        code, text = _cli(*args)
+
+        assert code == 2 and "num_hidden_layers is 1000000 (a real model has 0 to 4,096)" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_run_names_the_weight_and_both_shapes_when_a_weight_is_mis_shaped(tiny_bert, text_file, tmp_path):
+    name = "encoder.layer.0.attention.self.query.weight"
+    folder = _rewrite_weights(tiny_bert, tmp_path, lambda w: {**w, name: w[name][:16].clone()})
+
+    code, text = _cli("run", str(folder), "-o", str(tmp_path / "out"), "--pass", "export.onnx", "--data", str(text_file))
+
+    assert code == 2
+    assert (f"'{folder / 'model.safetensors'}' does not fit its config.json: 0 missing, 0 unexpected, 1 weight of "
+            f"another shape ({name}: (16, 32) in the checkpoint, (32, 32) by the config)") in text
+    assert "ignore_mismatched_sizes" not in text and not (tmp_path / "out").exists()
+
+
+def test_load_hf_loads_a_bin_checkpoint_of_plain_tensors(tiny_bert, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+    model, _, _ = models.load_hf(folder)  # counted through a memory-mapped weights_only load, then loaded
+
+    assert sum(p.numel() for p in model.parameters()) == models.weight_file_params([folder / "pytorch_model.bin"])
+
+
+def _safetensors_header(header: dict) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"not safetensors", "its header length is"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"[1, 2, 3]       ", "its header is not a JSON object"),
+    (b"\x40\x00\x00\x00\x00\x00\x00\x00" + b'{"w": {"dtype": "F32", "shape": [1048576, 1048576], "data_offsets": [0, 4]}}'[:64],
+     "its header is not JSON"),
+    (_safetensors_header({"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 4]}}) + b"\0" * 4,
+     "its header declares 1,099,511,627,776 parameters, more than its 88 bytes can hold"),
+])
+def test_load_hf_names_a_safetensors_file_whose_header_cannot_be_read(tiny_bert, tmp_path, data, why):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "model.safetensors").write_bytes(data)
+
+    with pytest.raises(ModelLoadError, match=f"cannot load the model in '.*': 'model.safetensors' is not a valid "
+                                             f"safetensors file \\({why}"):
+        models.load_hf(folder)

@@ -234,3 +234,100 @@ def test_run_refuses_data_when_file_is_over_the_size_limit(tiny_bert, text_file,
 
     assert code == 2 and "over the 1 KiB limit (all samples are held in memory): take a sample of it" in out
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- paths the system refuses, keys given twice, files that are not files, the Python API (review) ----
+
+LONG = "y" * 300  # one path part over 255 bytes: os.stat raises "File name too long"
+
+
+def _long_path_commands(tiny_bert: Path, text_file: Path, tmp_path: Path) -> dict[str, list[str]]:
+    import numpy as np
+
+    from compress.exporters import riq_format
+
+    riq = tmp_path / "model.riq"
+    riq_format.write(riq, [riq_format.RawTensor("w", np.zeros(3, np.float32))], {"kind": b"state_dict"})
+    good = _recipe(tmp_path, "passes: [export.onnx]\n")
+    (tmp_path / "long_model.yaml").write_text(f"model: {LONG}\npasses: [export.onnx]\n")
+    out, run = str(tmp_path / "out"), ["run", str(tiny_bert), "--pass", "export.onnx", "--data", str(text_file)]
+    return {
+        "run model": ["run", LONG, "--pass", "export.onnx", "-o", out],
+        "run --data": ["run", str(tiny_bert), "--pass", "export.onnx", "--data", LONG, "-o", out],
+        "run --tokenizer": [*run, "--tokenizer", LONG, "-o", out],
+        "run --recipe": ["run", "--recipe", LONG + ".yaml", "-o", out],
+        "run -o": [*run, "-o", str(tmp_path / LONG)],
+        "validate file": ["validate", LONG + ".yaml"],
+        "validate --model": ["validate", good, "--model", LONG],
+        "recipe's model": ["validate", str(tmp_path / "long_model.yaml")],
+        "decode input": ["decode", LONG + ".riq", "-o", out],
+        "decode -o": ["decode", str(riq), "-o", str(tmp_path / LONG)],
+        "profile": ["profile", LONG + ".onnx"],
+        "generate": ["generate", LONG + ".onnx", "hello"],
+    }
+
+
+@pytest.mark.parametrize("case", ["run model", "run --data", "run --tokenizer", "run --recipe", "run -o", "validate file",
+                                  "validate --model", "recipe's model", "decode input", "decode -o", "profile", "generate"])
+def test_every_path_argument_exits_2_with_one_short_line_when_a_part_is_over_255_bytes(case, tiny_bert, text_file,
+                                                                                         tmp_path):
+    args = _long_path_commands(tiny_bert, text_file, tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    code, out = _run(*args)
+
+    assert code == 2 and "': File name too long" in out, out
+    assert "error: cannot use '" in out and "..." in out and len(out) < 400  # the path is shortened
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model: minilm\nmodel: other\npasses: [export.onnx]\n", "line 2: the key 'model' is given twice (first on line 1): keep one"),
+    ("passes:\n  - pass: export.onnx\n    opset: 17\n    opset: 18\n", "line 4: the key 'opset' is given twice (first on line 3)"),
+    ("passes:\n  - {pass: quant.int8, pass: quant.int4}\n", "line 2: the key 'pass' is given twice (first on line 2)"),
+    ("passes: [export.onnx]\ndata: wiki\n\ndata: lee\n", "line 4: the key 'data' is given twice (first on line 2)"),
+])
+def test_validate_refuses_a_key_given_twice_at_any_level_of_a_recipe(text, expected, tmp_path):
+    code, out = _run("validate", _recipe(tmp_path, text))
+
+    assert code == 2 and "1 problem in" in out and expected in out
+
+
+def test_run_refuses_a_key_given_twice_in_a_pass_value(tmp_path):
+    code, out = _run("run", "--pass", "quant.int8:exclude={a: 1, a: 2}", "-o", str(tmp_path / "o"))
+
+    assert code == 2 and "cannot read the value of 'exclude': line 1: the key 'a' is given twice" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_refuses_a_recipe_that_is_a_pipe_without_reading_it(tmp_path):
+    os.mkfifo(tmp_path / "recipe.yaml")  # reading it would wait for a writer forever
+
+    code, out = _run("validate", str(tmp_path / "recipe.yaml"))
+
+    assert code == 2 and "is not a regular file (a pipe, a device or a socket): give a YAML file" in out
+
+
+@pytest.mark.parametrize("model, data, message", [
+    (12345, None, "a model must be a path (str or Path), a built-in alias (efficientnet-lite0, minilm, smollm2) or, "
+                  "in Python, a torch.nn.Module; got int"),
+    (None, 5, "data must be a file path (str or Path) or one of ['lee', 'wiki']; got int"),
+])
+def test_pipeline_names_the_type_when_model_or_data_is_not_a_path(model, data, message, tiny_bert, tmp_path):
+    from compress import Pipeline, UserError
+
+    with pytest.raises(UserError) as caught:
+        Pipeline(["export.onnx"]).run(model if model is not None else str(tiny_bert), data, tmp_path / "out", tasks=False)
+
+    assert message in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("max_length", [-5, 0, 7, 8193, 10**9, 16.0, True, "64"])
+def test_pipeline_refuses_max_length_the_cli_would_refuse_before_writing_anything(max_length, tmp_path):
+    from compress import Pipeline, UserError
+
+    with pytest.raises(UserError, match="max_length must be a whole number of tokens from 8 to 8192"):
+        Pipeline(["export.onnx"]).run("no-such-model", None, tmp_path / "out", max_length=max_length)
+
+    assert list(tmp_path.iterdir()) == []  # no .out.partial

@@ -220,3 +220,99 @@ def test_claim_refuses_every_input_kind(tmp_path):
             outputs.claim(folder, [folder / "file"], overwrite=True)
         with pytest.raises(UserError, match="inside the input"):
             outputs.claim(folder / "sub", [folder], overwrite=False)
+
+
+# ---- `~`, names too long, places that cannot be written, the input named as -o (review F1, F2, F3, F11) ----
+
+def test_decode_and_pipeline_write_under_the_home_folder_when_output_starts_with_tilde(tmp_path, monkeypatch,
+                                                                                       tiny_bert, text_file, fast):
+    from compress import Pipeline
+
+    home, work = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    riq = _riq(tmp_path / "model.riq")
+
+    code, out = _run("decode", str(riq), "--output=~/decoded")  # the shell leaves `~` after `=` as it is
+    result = Pipeline(["export.onnx"]).run(str(tiny_bert), str(text_file), "~/run", **fast)
+
+    assert code == 0 and str(home / "decoded") in " ".join(out.split())
+    assert outputs.is_ours(home / "decoded") and (home / "decoded" / "model.safetensors").is_file()
+    assert result.outdir == home / "run" and (home / "run" / "model.onnx").is_file()
+    assert list(work.iterdir()) == []  # no literal ./~ folder
+
+
+@pytest.mark.parametrize("command", ["run", "decode"])
+def test_output_tilde_alone_is_the_home_folder_and_refused(tmp_path, monkeypatch, tiny_bert, command):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = ["decode", str(_riq(tmp_path / "model.riq"))] if command == "decode" else ["run", str(tiny_bert), "--pass", "export.onnx"]
+
+    code, out = _run(*args, "-o", "~", "--overwrite")
+
+    assert code == 2 and "is the root or home folder" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["home", "model.riq"] if command == "decode" else ["home"])
+    assert list((tmp_path / "home").iterdir()) == []
+
+
+def test_claim_names_a_path_the_system_refuses_when_a_part_is_over_255_bytes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(UserError, match=r"^cannot use 'aaaa.*\.\.\..*aaaa': File name too long$"):
+        outputs.claim("a" * 300, [], overwrite=False)
+    with pytest.raises(UserError, match="is 240 bytes long: at most 233 .compress builds it beside as .NAME.partial"):
+        outputs.claim("b" * 240, [], overwrite=False)  # a name the system takes, but not with .partial added
+    assert outputs.claim("c" * 233, [], overwrite=False) == Path("c" * 233)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_and_decode_exit_2_without_traceback_when_output_name_is_too_long(tiny_bert, tmp_path):
+    riq = _riq(tmp_path / "model.riq")
+    for args in (["run", str(tiny_bert), "--pass", "export.onnx"], ["decode", str(riq)]):
+        code, out = _run(*args, "-o", str(tmp_path / ("x" * 300)))
+
+        assert code == 2 and "File name too long" in out and len(out) < 600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.riq"]
+
+
+@pytest.mark.skipif(outputs._file_system(Path("/proc")) != "proc", reason="needs Linux's /proc")
+def test_run_refuses_an_output_on_a_pseudo_file_system_before_the_model_is_read(tiny_bert, monkeypatch):
+    from compress import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was read before the output was checked")
+
+    monkeypatch.setattr(loading, "describe", never)
+
+    code, out = _run("run", str(tiny_bert), "--pass", "export.onnx", "-o", "/proc/compress-out")
+
+    assert code == 2 and "'/proc' is on the proc pseudo file system" in out
+    with pytest.raises(UserError, match="^cannot write '/proc/self/compress-out': .*; choose another -o$"):
+        outputs.claim("/proc/self/compress-out", [], overwrite=False)
+
+
+@pytest.mark.parametrize("what", ["model", "data", "recipe"])
+def test_run_says_output_holds_the_input_when_output_is_an_input_folder_without_overwrite(tiny_bert, text_file, tmp_path,
+                                                                                          monkeypatch, what):
+    from compress import loading
+
+    folder = tmp_path / "mine"
+    model = folder if what == "model" else tiny_bert
+    if what == "model":
+        shutil.copytree(tiny_bert, folder)
+    else:
+        folder.mkdir()
+    (folder / "news.txt").write_bytes(text_file.read_bytes())
+    (folder / "recipe.yaml").write_text("passes: [export.onnx]\n")
+    args = ["--recipe", str(folder / "recipe.yaml")] if what == "recipe" else ["--pass", "export.onnx"]
+    data = str(folder / "news.txt") if what == "data" else str(text_file)
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(loading, "describe", lambda *a, **k: pytest.fail("the first, fast check knows the inputs"))
+
+    code, out = _run("run", str(model), *args, "--data", data, "-o", str(folder))
+
+    assert code == 2 and "holds the input" in out and "--overwrite" not in out  # not "pass --overwrite"
+    assert _snapshot(tmp_path) == before

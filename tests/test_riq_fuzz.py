@@ -543,3 +543,64 @@ def test_cli_decode_exits_2_with_one_message_when_the_graph_or_kind_is_crafted(t
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and "export.riq" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+# ---- decode(): what `compress run` / `profile` would refuse, and its own arguments (review F4, F12, F13) ----
+
+def _graph_with_shapeless_output() -> bytes:
+    """_graph() plus an output whose type has no shape: onnxruntime loads it, onnx.checker (and with it
+    `compress profile` and `compress run`) refuses it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto.FromString(_graph())
+    model.graph.node.append(helper.make_node("Identity", ["Y"], ["Y2"]))
+    model.graph.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def test_decode_refuses_a_graph_that_onnx_checker_refuses_when_onnxruntime_loads_it(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    path = _onnx_riq(tmp_path / "m.riq", **{"model.onnx": _graph_with_shapeless_output()})
+
+    with pytest.raises(UserError) as e:
+        decode(path, tmp_path / "out")
+
+    assert "the decoded ONNX model is not valid ONNX (onnx.checker: Field 'shape' of 'type' is required but missing" \
+        in str(e.value) and "export.riq" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    filled = onnx.ModelProto.FromString(_graph_with_shapeless_output())  # the same graph with its weights loads
+    filled.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(W_CODES.astype(np.float32), "W"))
+    filled.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(BIAS, "B"))
+    ort.InferenceSession(filled.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("weights", ["int4", "", None, "FLOAT"])
+def test_decode_refuses_weights_it_cannot_give_instead_of_decoding_float(tmp_path, weights):
+    with pytest.raises(UserError, match=r"weights must be one of float, int8 \(got "):
+        decode(_onnx_riq(tmp_path / "m.riq"), tmp_path / "out", weights=weights)
+
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": 10**6}, "the file's config.json: num_hidden_layers is 1000000 (a real model has 0 to 4,096)"),
+    ({"hidden_size": 10**9}, "hidden_size is 1000000000"),
+    ({"num_hidden_layers": 500}, "config.json' describes a BertModel of 1,"),  # the built model's count (meta device)
+])
+def test_decode_refuses_a_torch_config_its_tensors_cannot_fill_before_building_it(tmp_path, tiny_bert_container,
+                                                                                   changes, message):
+    import time
+
+    tensors, meta = tiny_bert_container
+    config = json.loads(meta["config.json"])
+    riq.write(tmp_path / "m.riq", tensors, {**meta, "config.json": json.dumps({**config, **changes}).encode()})
+    t0 = time.perf_counter()
+
+    with pytest.raises(UserError) as e:
+        decode(tmp_path / "m.riq", tmp_path / "out")
+
+    assert message in str(e.value) and "export.riq" in str(e.value)
+    assert time.perf_counter() - t0 < 20 and not (tmp_path / "out").exists()
