@@ -18,13 +18,12 @@ import html
 import json
 import random
 import re
-import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from compress.errors import DataError, clip, short, short_path, stat_or_none
+from compress.errors import DataError, clip, regular_file, short, short_path, stat_or_none
 
 BUILTIN = {
     "wiki": "paragraphs of the shortened English Wikipedia dump in gensim's test data",
@@ -89,14 +88,8 @@ def lee_background() -> list[str]:
 
 def _check_file(path: Path) -> None:
     kinds = f"a UTF-8 text file (one sample per line), a .jsonl file, or one of {sorted(BUILTIN)}"
-    st = stat_or_none(path)  # never opened here: a FIFO or a device would block or never end
-    if st is None:
-        raise DataError(f"data file not found: {short_path(path)} (give a text file, a .jsonl file, or one of {sorted(BUILTIN)})")
-    if stat.S_ISDIR(st.st_mode):
-        raise DataError(f"data '{short_path(path)}' is a folder: text models take {kinds}")
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"data '{short_path(path)}' is not a regular file (a pipe, a device or a socket): text models take {kinds}")
-    size = st.st_size
+    missing = f"data file not found: {short_path(path)} (give a text file, a .jsonl file, or one of {sorted(BUILTIN)})"
+    size = regular_file(path, "data", f"text models take {kinds}", missing, DataError).st_size
     if size > MAX_DATA_BYTES:
         raise DataError(f"data file {path} is {_human(size)}, over the {_human(MAX_DATA_BYTES)} limit (all samples are "
                         "held in memory): take a sample of it, e.g. `shuf -n 100000 FILE > sample.txt`")

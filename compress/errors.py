@@ -117,3 +117,19 @@ def stat_or_none(path: object):
 def exists(path: object) -> bool:
     """Path.exists() that answers for every name (see `stat_or_none`)."""
     return stat_or_none(path) is not None
+
+
+def regular_file(path: object, what: str, fix: str, missing: str, error: type = UserError):
+    """os.stat of a file about to be read, refusing (with `error`) a missing path (`missing` is the
+    whole message), a folder, and a pipe / device / socket, which is never opened: it would block or
+    never end. `what` names the file in the message ("data", "recipe"), `fix` says what to give."""
+    import stat
+
+    st = stat_or_none(path)
+    if st is None:
+        raise error(missing)
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} '{short_path(path)}' is a folder: {fix}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} '{short_path(path)}' is not a regular file (a pipe, a device or a socket): {fix}")
+    return st

@@ -8,7 +8,6 @@ through `errors.short`, which bounds the work of printing it."""
 from __future__ import annotations
 
 import difflib
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic import ValidationError
 
 from compress import registry
 from compress.config import PassConfig
-from compress.errors import ConfigError, UserError, clip, short, short_path, stat_or_none
+from compress.errors import ConfigError, UserError, clip, regular_file, short, short_path
 
 RECIPE_KEYS = {"model", "data", "measure", "passes"}
 MEASURE_LEVELS = ("full", "quick", "off")  # compress/measure.py LEVELS (not imported: recipes stay light)
@@ -194,13 +193,7 @@ def parse_cli_pass(text: str) -> dict | Problem:
 
 def _recipe_text(path: Path) -> str:
     """The recipe's text; a missing, huge, binary or non-UTF-8 file raises one clear error."""
-    st = stat_or_none(path)  # a FIFO or a device is never opened: it would block or never end
-    if st is None:
-        raise UserError(f"recipe not found: {short_path(path)}")
-    if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"recipe '{short_path(path)}' is a folder: give a YAML file")
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"recipe '{short_path(path)}' is not a regular file (a pipe, a device or a socket): give a YAML file")
+    regular_file(path, "recipe", "give a YAML file", f"recipe not found: {short_path(path)}")
     try:
         with path.open("rb") as fh:
             raw = fh.read(MAX_RECIPE_BYTES + 1)  # read no more than the limit, whatever stat says
