@@ -119,7 +119,7 @@ def run(
     model: Optional[str] = typer.Argument(None, help="transformers folder, .onnx file, or built-in alias: minilm (default), smollm2, efficientnet-lite0"),
     passes: List[str] = typer.Option([], "--pass", "-p", help="NAME or NAME:key=value,... (repeatable, in order)"),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML recipe (instead of --pass)"),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="text file (one sample per line), .jsonl with a 'text' field, or built-in corpus: wiki, lee; image models: a folder of images or the built-in photos (default)"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="text file (one sample per line), .jsonl with a 'text' field, or built-in corpus: wiki (the default), lee, mix (every English prose corpus shipped, interleaved); image models: a folder of images or the built-in photos (default)"),
     outdir: Path = typer.Option(..., "--output", "-o", help="output directory (must not exist unless --overwrite)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory that compress wrote (never any other folder)"),
     resume: bool = typer.Option(False, "--resume", help="reuse the stages finished by an earlier interrupted run"),

@@ -7,13 +7,20 @@ How much is measured is a level (`MeasureSettings`, `--measure`, `measure:` in a
   (an encoder's Lee-50 / polarity need their whole sets: skipped), latency with 2 warm-up and 10
   timed runs and one generation run: a fidelity number per stage at a fraction of the cost;
 - `off`: size and parameters only.
+Encoders and classifiers (kinds whose teacher outputs are kept, `kind.cache_reference`) also get
+fidelity on an unseen domain (`record["fidelity_unseen"]`, same keys as `record["fidelity"]`):
+technical documentation no built-in training corpus holds (`compress.data.unseen_domain()`, the
+Python language reference, 128 chunks), all of it at `full`, the first 16 at `quick`, none at `off`;
+it applies whatever data the run trains on. Causal LMs skip it: their perplexity (lee_background
+news) is already measured out of the training domain, and their logits are too large to keep.
 The input stage's measurements (and the teacher's outputs, for kinds that keep them) are cached by
 content hash (compress/refcache.py), so a second run on the same model and data reuses them."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +86,7 @@ class MeasureSettings:
     latency_runs: tuple[int, int, int] | None = None  # (warmup, runs, generate_runs) caps; None: as configured
 
     @classmethod
-    def of(cls, level: "str | MeasureSettings | None") -> "MeasureSettings":
+    def of(cls, level: str | MeasureSettings | None) -> MeasureSettings:
         from compress.errors import UserError
 
         if isinstance(level, MeasureSettings):
@@ -99,6 +106,16 @@ class MeasureSettings:
             return []
         return data.eval if self.eval_samples is None else data.eval[: self.eval_samples]
 
+    def unseen_texts(self) -> list[str]:
+        """The unseen-domain samples fidelity is also measured on (data.unseen_domain(): all of them,
+        or the first `eval_samples`); none when fidelity is off."""
+        if not self.fidelity:
+            return []
+        from compress.data import unseen_domain
+
+        texts = unseen_domain()
+        return texts if self.eval_samples is None else texts[: self.eval_samples]
+
     def latency_settings(self, settings: profiling.LatencySettings | None) -> profiling.LatencySettings | None:
         if not self.latency or settings is None:
             return None
@@ -113,22 +130,35 @@ class MeasureSettings:
                 "tasks": self.tasks, "latency": self.latency, "latency_runs": self.latency_runs}
 
 
+def measures_unseen(state: ModelState) -> bool:
+    """Whether stages of this model get fidelity on the unseen domain: text kinds whose teacher
+    outputs are kept (encoder, classifier). Not causal LMs: their logits are too large to keep, and
+    their perplexity on lee_background news already is measured out of the training domain."""
+    return state.kind.cache_reference and state.kind.uses_tokenizer and state.tokenizer is not None
+
+
 @dataclass
 class Reference:
-    """Teacher outputs on the held-out text, computed once (encoder / classifier); a causal LM's
-    logits are too large to keep, so its teacher runs again batch by batch (`kind.cache_reference`)."""
+    """Teacher outputs on the held-out text, computed once (encoder / classifier), and on the unseen
+    domain (`unseen`; None where not measured); a causal LM's logits are too large to keep, so its
+    teacher runs again batch by batch (`kind.cache_reference`)."""
 
     outputs: Any = None
     teacher_runner: Any = None
     extra: dict = field(default_factory=dict)
+    unseen: list[np.ndarray] | None = None
 
     @classmethod
-    def build(cls, state: ModelState, max_length: int, ms: MeasureSettings | None = None) -> "Reference":
+    def build(cls, state: ModelState, max_length: int, ms: MeasureSettings | None = None) -> Reference:
         teacher = runtime.runner(state, "teacher")
         if not state.kind.cache_reference:
             return cls(teacher_runner=teacher)
-        texts = (ms or MeasureSettings()).eval_texts(state.data)
-        return cls(outputs=evaluate.outputs(teacher, state.tokenizer, texts, max_length, kind=state.kind))
+        ms = ms or MeasureSettings()
+        texts = ms.eval_texts(state.data)
+        unseen = ms.unseen_texts() if measures_unseen(state) else []
+        return cls(outputs=evaluate.outputs(teacher, state.tokenizer, texts, max_length, kind=state.kind),
+                   unseen=evaluate.outputs(teacher, state.tokenizer, unseen, max_length, kind=state.kind)
+                   if unseen else None)
 
     def target(self) -> Any:
         return self.teacher_runner if self.outputs is None else self.outputs
@@ -166,6 +196,10 @@ def measure(state: ModelState, ref: Reference, max_length: int, settings: profil
     if ms.fidelity and (state.tokenizer is not None or not state.kind.uses_tokenizer) and len(texts):
         step(f"fidelity on {len(texts)} held-out samples")
         record["fidelity"] = evaluate.fidelity(state.kind, run, ref.target(), state.tokenizer, texts, max_length)
+    unseen = ms.unseen_texts() if ref.unseen is not None and measures_unseen(state) else []
+    if unseen:  # the teacher's outputs on the same texts, with the same batching (Reference.build)
+        step(f"fidelity on {len(unseen)} unseen-domain samples")
+        record["fidelity_unseen"] = evaluate.fidelity(state.kind, run, ref.unseen, state.tokenizer, unseen, max_length)
     step("task metrics")
     quick = ms.tasks == "quick"
     record["metrics"] = evaluate.task_metrics(state.kind, run, state.tokenizer, quick=quick) if tasks and ms.tasks != "off" else {}
@@ -175,4 +209,4 @@ def measure(state: ModelState, ref: Reference, max_length: int, settings: profil
     return record
 
 
-MEASURE_STEPS = 3
+MEASURE_STEPS = 4

@@ -515,15 +515,17 @@ def _load_pruned_bert(auto: Any, folder: Path, config: Any, trust_remote_code: b
     from torch import nn
 
     full = copy.deepcopy(config)
-    full.num_attention_heads = config.hidden_size // config.attention_head_size
+    full.num_attention_heads = 1  # any hidden size is a multiple of 1 (hidden-size pruning leaves other widths)
     model = auto.from_config(full, attn_implementation="eager", trust_remote_code=trust_remote_code)
-    width = config.num_attention_heads * config.attention_head_size
+    size = config.attention_head_size
+    width = config.num_attention_heads * size
     for module in model.modules():
         inner = getattr(module, "self", None)
         if inner is not None and hasattr(inner, "attention_head_size") and hasattr(module, "output"):
             for name in ("query", "key", "value"):
                 setattr(inner, name, nn.Linear(config.hidden_size, width))
             inner.num_attention_heads, inner.all_head_size = config.num_attention_heads, width
+            inner.attention_head_size, inner.scaling = size, size**-0.5
             module.output.dense = nn.Linear(width, config.hidden_size)
     # the built model's config (attention implementation set) becomes the pruned one
     model.config.num_attention_heads = config.num_attention_heads

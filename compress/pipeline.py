@@ -10,9 +10,10 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -22,7 +23,7 @@ from compress import images, loading, outputs, recipe, refcache, registry, repor
 from compress.config import PassConfig
 from compress.context import PassContext
 from compress.errors import ConfigError, PassFailed, UserError, short
-from compress.measure import MEASURE_STEPS, MeasureSettings, Reference, measure
+from compress.measure import MEASURE_STEPS, MeasureSettings, Reference, measure, measures_unseen
 from compress.profiling import LatencySettings
 from compress.state import ModelState
 
@@ -88,7 +89,7 @@ class Pipeline:
         self.measure: str | None = None
 
     @classmethod
-    def from_recipe(cls, path: str | Path) -> "Pipeline":
+    def from_recipe(cls, path: str | Path) -> Pipeline:
         doc = recipe.read_recipe(path)
         pipe = cls(doc["passes"], defer_errors=True, source=str(path))
         pipe.model, pipe.data, pipe.recipe_path = doc["model"], doc["data"], Path(path)
@@ -134,6 +135,8 @@ class Pipeline:
         (work / "stages").mkdir(parents=True, exist_ok=True)
         common = {"data": text.fingerprint(), "max_length": max_length, "latency": settings.as_dict(), "tasks": tasks,
                   "tokenizer": str(tokenizer), "measure": ms.as_dict()}
+        if measures_unseen(state) and ms.unseen_texts():  # its text is the running Python's language reference
+            common["unseen"] = data_mod.fingerprint_texts(ms.unseen_texts())
         key = _hash({"input": stages.identity(model, info), **common, "trust_remote_code": trust_remote_code})
         with console.status("hashing the input for the measurement cache"):
             digest = refcache.content_hash(model, info) if refcache.cache_dir() is not None else None
@@ -145,7 +148,7 @@ class Pipeline:
         console.print(f"[green]done[/green]: {outdir}/ ({rep['final']['path']}, report.md, report.json, report.png)")
         return Result(outdir, rep, state)
 
-    def _run_stages(self, state: ModelState, key: str, work: Path, how: "_Measuring", console: Console,
+    def _run_stages(self, state: ModelState, key: str, work: Path, how: _Measuring, console: Console,
                     resume: bool) -> ModelState:
         settings, max_length = how.latency, how.max_length
         ref = None
@@ -199,6 +202,8 @@ class Pipeline:
                "data": state.data.summary() if state.data else None,
                "settings": {"latency": settings.as_dict(), "measure": ms.level}, "stages": list(state.history),
                "final": {"path": final, "form": state.form}}
+        if any("fidelity_unseen" in s for s in state.history):  # what the "unseen-domain" columns measured
+            rep["unseen_domain"] = {"source": data_mod.unseen_source(), "samples": len(ms.unseen_texts())}
         report.write_all(rep, work)
         return rep
 
@@ -231,15 +236,17 @@ def _measure_input(state: ModelState, how: _Measuring, console: Console) -> tupl
     """The input stage: from the reference cache when this model, data and settings were measured
     before (said so), else measured and cached."""
     hit = refcache.load(how.cache_key) if how.cache_key else None
-    if hit is not None and (hit[1] is not None or not state.kind.cache_reference):
-        record, outputs, folder = hit
-        console.print(f"    input measurements reused from the cache ({folder}; same model, data and settings)")
-        ref = Reference(outputs=outputs) if outputs is not None else Reference.build(state, how.max_length, how.ms)
-        return record, ref
+    wants_unseen = measures_unseen(state) and bool(how.ms.unseen_texts())
+    if hit is not None and (hit.outputs is not None or not state.kind.cache_reference) \
+            and (hit.unseen is not None or not wants_unseen):
+        console.print(f"    input measurements reused from the cache ({hit.folder}; same model, data and settings)")
+        ref = (Reference(outputs=hit.outputs, unseen=hit.unseen) if hit.outputs is not None
+               else Reference.build(state, how.max_length, how.ms))
+        return hit.record, ref
     ref = Reference.build(state, how.max_length, how.ms)
     record = _measure_or_inherit(state, None, ref, how, console, "stage 0 (input)")
     if how.cache_key:
-        refcache.save(how.cache_key, record, ref.outputs)
+        refcache.save(how.cache_key, record, ref.outputs, ref.unseen)
     return record, ref
 
 
@@ -248,7 +255,8 @@ def _measure_or_inherit(state: ModelState, cfg: PassConfig | None, ref: Referenc
     """A pass that leaves the model as it is (profile) inherits the previous measurements."""
     if cfg is not None and not registry.spec_for(cfg).changes(cfg) and state.history:
         prev = state.history[-1]
-        return {k: prev[k] for k in ("form", "params", "bytes", "fidelity", "metrics", "latency_ms") if k in prev}
+        return {k: prev[k] for k in ("form", "params", "bytes", "fidelity", "fidelity_unseen", "metrics", "latency_ms")
+                if k in prev}
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(f"measuring {label}", total=MEASURE_STEPS)

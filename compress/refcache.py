@@ -7,7 +7,9 @@ the data, and the measurement settings. The key hashes all of these: the content
 files (weights, config, tokenizer; an ONNX file with its external data) or of an in-memory
 module's tensors, the data fingerprint, max_length, the measurement level, the latency settings
 and whether task metrics run. The entry holds the input stage's record (fidelity, metrics,
-latency) and, for kinds whose teacher outputs are kept (`kind.cache_reference`), those outputs.
+latency) and, for kinds whose teacher outputs are kept (`kind.cache_reference`), those outputs:
+on the held-out samples (`outputs.npz`) and on the unseen-domain samples (`unseen.npz`, when
+measured; the key then includes those samples' fingerprint).
 
 Where: `$COMPRESS_CACHE`, else `~/.cache/compress/reference`; `COMPRESS_CACHE=off` disables it.
 Entries are written atomically; an unreadable or foreign entry is ignored (measured again), and
@@ -19,7 +21,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,24 +73,39 @@ def key(parts: dict) -> str:
     return hashlib.sha256(json.dumps({"v": VERSION, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def load(entry: str) -> tuple[dict, list[np.ndarray] | None, Path] | None:
-    """(input record, teacher outputs or None, entry folder), or None when absent or unreadable."""
+class Entry(NamedTuple):
+    """A cache entry: the input stage's record, the teacher's outputs on the held-out samples and on
+    the unseen-domain samples (None when not kept), and the entry's folder."""
+
+    record: dict
+    outputs: list[np.ndarray] | None
+    folder: Path
+    unseen: list[np.ndarray] | None = None
+
+
+def _arrays(path: Path) -> list[np.ndarray] | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        return [npz[f"b{i}"] for i in range(len(npz.files))]
+
+
+def load(entry: str) -> Entry | None:
+    """The entry, or None when absent or unreadable."""
     root = cache_dir()
     if root is None or not (root / entry / "record.json").is_file():
         return None
     folder = root / entry
     try:
         record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
-        outputs = None
-        if (folder / "outputs.npz").is_file():
-            with np.load(folder / "outputs.npz", allow_pickle=False) as npz:
-                outputs = [npz[f"b{i}"] for i in range(len(npz.files))]
+        outputs, unseen = _arrays(folder / "outputs.npz"), _arrays(folder / "unseen.npz")
     except (OSError, ValueError, KeyError):
         return None
-    return (record, outputs, folder) if isinstance(record, dict) else None
+    return Entry(record, outputs, folder, unseen) if isinstance(record, dict) else None
 
 
-def save(entry: str, record: dict, outputs: list[np.ndarray] | None) -> Path | None:
+def save(entry: str, record: dict, outputs: list[np.ndarray] | None,
+         unseen: list[np.ndarray] | None = None) -> Path | None:
     """Write an entry atomically; None (and nothing raised) when the cache can't be written."""
     root = cache_dir()
     if root is None:
@@ -98,8 +115,9 @@ def save(entry: str, record: dict, outputs: list[np.ndarray] | None) -> Path | N
     try:
         tmp.mkdir(parents=True)
         (tmp / "record.json").write_text(json.dumps(record, default=str), encoding="utf-8")
-        if outputs is not None:
-            np.savez(tmp / "outputs.npz", **{f"b{i}": np.asarray(o) for i, o in enumerate(outputs)})
+        for name, arrays in (("outputs.npz", outputs), ("unseen.npz", unseen)):
+            if arrays is not None:
+                np.savez(tmp / name, **{f"b{i}": np.asarray(o) for i, o in enumerate(arrays)})
         if final.exists():  # another run wrote the same entry meanwhile: keep theirs
             _remove(tmp)
             return final

@@ -2,7 +2,9 @@
 
 The report dict (see `write_all`) lists stage 0 (the input model) and then one stage per pass,
 each with params, bytes, fidelity to the input (`cosine` for encoders, `kl`/`top1` for
-classifiers and causal LMs), task metrics, latency percentiles (causal LMs with a KV cache also
+classifiers and causal LMs), for encoders and classifiers the same fidelity on an unseen domain
+(`fidelity_unseen`: technical documentation never trained on, columns "unseen-domain cosine" /
+"unseen-domain kl" / "unseen-domain top1"), task metrics, latency percentiles (causal LMs with a KV cache also
 `ttft_ms` and `tokens_per_s` in `latency_ms`: columns "TTFT ms" and "tok/s"), plus whatever its pass
 noted (ctx.notes). Any numeric field may be None (not measured): tables show "–" and plots skip the point.
 Sizes are decimal megabytes (bytes / 1e6).
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 DASH = "–"
 FIDELITY_KEYS = ("cosine", "kl", "top1")
+UNSEEN = "unseen-domain"  # column prefix of `fidelity_unseen` (compress/measure.py)
 LATENCY_KEYS = ("p50", "p90", "p99")
 GENERATION_COLUMNS = (("ttft_ms", "TTFT ms", ".1f"), ("tokens_per_s", "tok/s", ".1f"))  # causal LMs with a KV cache
 
@@ -48,6 +51,12 @@ def _fidelity_keys(stages: list[dict]) -> list[str]:
     return [k for k in FIDELITY_KEYS if k in seen] + sorted(seen - set(FIDELITY_KEYS))
 
 
+def _unseen_keys(stages: list[dict]) -> list[str]:
+    """Fidelity keys measured on the unseen domain in any stage (the main ones: cosine, kl, top1)."""
+    seen = {k for s in stages for k in (s.get("fidelity_unseen") or {})}
+    return [k for k in FIDELITY_KEYS if k in seen]
+
+
 def _metric_keys(stages: list[dict]) -> list[str]:
     """Metric names over all stages, in order of first appearance."""
     keys: list[str] = []
@@ -64,18 +73,19 @@ def _has_generation(stages: list[dict]) -> bool:
 def _stage_table(report: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted rows of the stage table, shared by markdown and rich."""
     stages = report.get("stages") or []
-    fid_keys, met_keys = _fidelity_keys(stages), _metric_keys(stages)
+    fid_keys, met_keys, unseen_keys = _fidelity_keys(stages), _metric_keys(stages), _unseen_keys(stages)
     gen = GENERATION_COLUMNS if _has_generation(stages) else ()
-    headers = ["#", "stage", "form", "params", "MB", *fid_keys, *met_keys,
+    headers = ["#", "stage", "form", "params", "MB", *fid_keys, *(f"{UNSEEN} {k}" for k in unseen_keys), *met_keys,
                *(f"{k} ms" for k in LATENCY_KEYS), *(title for _, title, _ in gen), "seconds"]
     rows = []
     for stage in stages:
         fid, met = stage.get("fidelity") or {}, stage.get("metrics") or {}
-        lat = stage.get("latency_ms") or {}
+        unseen, lat = stage.get("fidelity_unseen") or {}, stage.get("latency_ms") or {}
         rows.append([
             fmt(stage.get("index"), "d"), str(stage.get("name", DASH)), str(stage.get("form", DASH)),
             fmt(stage.get("params"), ",d"), fmt(mb(stage.get("bytes")), ".1f"),
             *(fmt(fid.get(k), ".4f") for k in fid_keys),
+            *(fmt(unseen.get(k), ".4f") for k in unseen_keys),
             *(fmt(met.get(k), ".3f") for k in met_keys),
             *(fmt(lat.get(k), ".2f") for k in LATENCY_KEYS),
             *(fmt(lat.get(key), spec) for key, _, spec in gen),
@@ -104,6 +114,14 @@ def _title_lines(report: dict) -> list[str]:
     if data:
         lines.append(f"- **Data**: {data.get('source', '?')}: {fmt(data.get('train'), ',d')} train"
                      f" / {fmt(data.get('eval'), ',d')} eval samples")
+    if isinstance(data.get("sources"), dict):  # a corpus of several sources (`mix`)
+        parts = [f"{name} {fmt(n.get('train'), ',d')} / {fmt(n.get('eval'), ',d')}"
+                 for name, n in data["sources"].items() if isinstance(n, dict)]
+        lines.append(f"- **Data sources** (train / eval): {', '.join(parts)}")
+    unseen = report.get("unseen_domain") or {}
+    if unseen:
+        lines.append(f"- **Unseen domain** (\"{UNSEEN}\" columns): fidelity on {fmt(unseen.get('samples'), 'd')} "
+                     f"samples of {unseen.get('source', '?')}, a domain no built-in training corpus holds")
     lat = (report.get("settings") or {}).get("latency") or {}
     if lat:
         shape = (f"images of {'x'.join(str(d) for d in data['shape'][1:])}" if data.get("shape")
@@ -139,6 +157,9 @@ def _relative_line(stages: list[dict]) -> str:
         speed_txt += " (p50)"
     fid = last.get("fidelity") or {}
     fid_txt = ", ".join(f"{k} {fmt(v, '.4f')}" for k, v in fid.items()) or f"fidelity {DASH}"
+    unseen = last.get("fidelity_unseen") or {}
+    if unseen:
+        fid_txt += "; " + ", ".join(f"{UNSEEN} {k} {fmt(unseen.get(k), '.4f')}" for k in FIDELITY_KEYS if k in unseen)
     return f"**Relative to input** (stage {last.get('index', '?')} {last.get('name', '?')}): " \
            f"{size_txt}; {speed_txt}; {fid_txt}"
 

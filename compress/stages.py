@@ -137,6 +137,8 @@ def write_final(state: ModelState, work: Path) -> str:
 def one_line(rec: dict) -> str:
     fid = rec.get("fidelity") or {}
     fid_s = ", ".join(f"{k}={v:.4f}" for k, v in fid.items() if k in ("cosine", "kl", "top1"))
+    unseen = rec.get("fidelity_unseen") or {}
+    fid_s += "".join(f", unseen-domain {k}={v:.4f}" for k, v in unseen.items() if k in ("cosine", "kl", "top1"))
     met = ", ".join(f"{k}={v:.3f}" for k, v in (rec.get("metrics") or {}).items())
     lat = rec.get("latency_ms") or {}
     lat_s = f"p50={lat['p50']:.2f} ms" if lat else ""

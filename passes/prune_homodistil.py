@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import PassContext
-from compress.passes.lib import bare, prunable
+from compress.passes.lib import bare, depth, hidden, prunable
 from compress.passes.lib.trainer import Callbacks, TrainSettings, tokenized, train
 from compress.passes.lib.training import TrainingFields
 from compress.registry import PassSpec
@@ -33,6 +33,16 @@ class HomoDistil(TrainingFields):
     pass_name = "prune.homodistil"
     heads: float = Field(0.5, ge=0, lt=1, description="fraction of attention units (kv groups) to remove in every layer")
     ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN neurons to remove in every layer")
+    layers: float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of transformer layers to remove, one at a time during the pruning phase (the lowest block "
+        "influence among the layers left, measured on the student then); each kept layer distils from its teacher "
+        "layer"))
+    layer_importance: Literal["influence", "angular"] = Field("influence", description=(
+        "how the next layer to drop is chosen: influence = 1 - cos between its input and output (ShortGPT), "
+        "angular = arccos of that cos / pi (Gromov et al.); both over real tokens of 32 training samples"))
+    hidden: float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of hidden (embedding) channels removed before training, by the norms' activations (Minitron), "
+        "then distilled (hidden-state loss on the teacher's kept channels); causal LMs and classifiers"))
     params: float | None = Field(**prunable.PARAMS_FIELD)
     w_lm: float = Field(0.5, ge=0, le=1000, description=(
         "causal LMs: weight of the next-token cross-entropy; it also gives the importance a signal while the "
@@ -47,8 +57,10 @@ class HomoDistil(TrainingFields):
     def _phases(self) -> "HomoDistil":
         if self.initial_warmup + self.final_phase >= 1:
             raise ValueError(f"initial_warmup + final_phase must be < 1 (got {self.initial_warmup} + {self.final_phase})")
-        if self.heads == 0 and self.ffn == 0:
-            raise ValueError("nothing to prune: set heads and/or ffn above 0")
+        if self.heads == 0 and self.ffn == 0 and self.layers == 0 and self.hidden == 0:
+            raise ValueError("nothing to prune: set heads, ffn, layers and/or hidden above 0")
+        if self.layers > 0 and self.w_attention > 0:
+            raise ValueError("the attention-map loss cannot follow dropped layers: set w_attention=0 with layers")
         t_i, last = int(self.steps * self.initial_warmup), self.steps - int(self.steps * self.final_phase) - 1
         if last <= t_i:
             raise ValueError(f"{self.steps} steps leave no pruning phase between the warm-up (step {t_i}) and the "
@@ -70,8 +82,11 @@ def remaining(step: int, target: float, t_i: int, last: int) -> float:
 class Platon(Callbacks):
     """PLATON importance of every prunable parameter, and the masks it implies over time."""
 
-    def __init__(self, model: torch.nn.Module, cfg: HomoDistil, fam: prunable.Family, geo: prunable.Geometry):
+    def __init__(self, model: torch.nn.Module, cfg: HomoDistil, fam: prunable.Family, geo: prunable.Geometry,
+                 calibration: dict[str, torch.Tensor] | None = None, forward_kwargs: dict | None = None):
         self.cfg, self.fam, self.geo = cfg, fam, geo
+        self.depth = depth.Dropper(model, fam, depth.removal_count(geo.layers, cfg.layers), cfg.layer_importance,
+                                   calibration or {}, forward_kwargs)
         self.masks = prunable.Masks.full(geo)
         self.names = self._prunable_names(model)
         self.ibar: dict[str, torch.Tensor] = {}
@@ -85,7 +100,7 @@ class Platon(Callbacks):
         return [n for n, p in model.named_parameters() if id(p) in wanted]
 
     def after_backward(self, step: int, model: torch.nn.Module) -> None:
-        if step > self.last:  # the masks are final: importance is no longer needed
+        if step > self.last or self.cfg.heads == self.cfg.ffn == 0:  # masks final or none: no importance needed
             return
         params = dict(model.named_parameters())
         b1, b2 = self.cfg.beta1, self.cfg.beta2
@@ -108,7 +123,15 @@ class Platon(Callbacks):
         r_f = remaining(step, 1 - self.cfg.ffn, self.t_i, self.last)
         return prunable.keep_count(self.geo.kv_heads, 1 - r_h), prunable.keep_count(self.geo.ffn, 1 - r_f)
 
+    def layers_dropped(self, step: int) -> int:
+        """Layers gone by `step`: evenly spaced over the pruning phase, the last one at its end."""
+        if step < self.t_i or not self.depth.remove:
+            return 0
+        progress = min(1.0, (step - self.t_i + 1) / max(1, self.last - self.t_i + 1))
+        return int(self.depth.remove * progress + 1e-9)
+
     def after_step(self, step: int, model: torch.nn.Module) -> None:
+        self.depth.drop_to(model, self.layers_dropped(step))
         refresh = (step - self.t_i) % self.cfg.mask_every == 0 or step == self.last
         if self.t_i <= step <= self.last and refresh and self.ibar:
             params = dict(model.named_parameters())
@@ -123,15 +146,19 @@ class Platon(Callbacks):
     def head_keep(self) -> list[torch.Tensor]:
         return [m.repeat_interleave(self.geo.group) for m in self.masks.heads]
 
+    def layer_pairs(self) -> list[tuple[int, int]] | None:
+        return self.depth.pairs()
+
     def describe(self) -> str:
-        return f" heads {int(self.masks.heads[0].sum())}/{self.geo.kv_heads} ffn {int(self.masks.ffn[0].sum())}/{self.geo.ffn}"
+        return self.depth.describe() + f" heads {int(self.masks.heads[0].sum())}/{self.geo.kv_heads} ffn {int(self.masks.ffn[0].sum())}/{self.geo.ffn}"
 
     def state_dict(self) -> dict:
-        return {"masks": self.masks.state(), "ibar": self.ibar, "ubar": self.ubar}
+        return {"masks": self.masks.state(), "ibar": self.ibar, "ubar": self.ubar, "depth": self.depth.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.masks = prunable.Masks(state["masks"]["heads"], state["masks"]["ffn"])
         self.ibar, self.ubar = state["ibar"], state["ubar"]  # moved to the parameters' device on first use
+        self.depth.load_state_dict(state["depth"])
 
 
 def _tie_break(scores: list[torch.Tensor], magnitude: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -166,11 +193,17 @@ def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any
     texts = bare.texts(data, cfg.pass_name)  # training part only, never held-out
     teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
     student = copy.deepcopy(model)
-    fam, geo = prunable.family_of(student.config), prunable.Geometry.of(student.config)
-    cfg = prunable.targets(cfg, student, fam, geo)
+    fam = prunable.family_of(student.config)
     before = sum(p.numel() for p in student.parameters())
-    callbacks = Platon(student, cfg, fam, geo)
     tokens = tokenized(tokenizer, texts, cfg.max_length)
+    calibration = {k: v[:32] for k, v in tokens.items()}  # where channels and the next layer to drop are measured
+    width = student.config.hidden_size
+    if cfg.hidden:  # one shot before training, as Minitron does; distillation then recovers
+        scores = hidden.hidden_scores(student, fam, calibration, forward_kwargs=kind.forward_kwargs())
+        hidden.slice_hidden(student, fam, hidden.keep_channels(scores, cfg.hidden))
+    geo = prunable.Geometry.of(student.config)
+    cfg = prunable.targets(cfg, student, fam, geo)
+    callbacks = Platon(student, cfg, fam, geo, calibration, kind.forward_kwargs())
     # Before anything is pruned the student equals the teacher and the loss (so every gradient) is 0:
     # dropout during the warm-up gives PLATON a loss to measure sensitivity on (the paper fine-tunes
     # with dropout on throughout).
@@ -180,11 +213,15 @@ def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any
                       c.console, callbacks, resume=c.resume, label="homodistil")
         (c.workdir / "checkpoint.pt").unlink(missing_ok=True)
     shape = prunable.slice_model(student, fam, geo, callbacks.masks)
+    shape.update(callbacks.depth.finish(student))
     after = sum(p.numel() for p in student.parameters())
     if notes is not None:
-        notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
-                            "after": {**shape, "params": after}, "train": stats,
-                            "fractions": {"heads": cfg.heads, "ffn": cfg.ffn}}
+        notes["pruning"] = {"before": {"layers": geo.layers, "hidden": width, "heads": geo.heads, "kv_heads": geo.kv_heads,
+                                       "ffn": geo.ffn, "params": before},
+                            "after": {"layers": student.config.num_hidden_layers, "hidden": student.config.hidden_size,
+                                      **shape, "params": after},
+                            "train": stats, "fractions": {"layers": cfg.layers, "hidden": cfg.hidden, "heads": cfg.heads,
+                                                          "ffn": cfg.ffn}}
     return student.eval()
 
 
@@ -196,5 +233,6 @@ def run(state: ModelState, cfg: HomoDistil, ctx: PassContext) -> ModelState:
 
 PASS = PassSpec(name="prune.homodistil", config=HomoDistil, run=run, takes=("torch",), gives="torch",
                 needs_data=lambda cfg: True,
-                check=lambda cfg, info: prunable.check_supported(info) + prunable.budget_problems(cfg),
+                check=lambda cfg, info: prunable.check_supported(info) + prunable.budget_problems(cfg)
+                + (hidden.check_kind(info.kind) if cfg.hidden else []),
                 summary="Iterative structured pruning of heads and FFN neurons while distilling from the input model (HomoDistil).")

@@ -51,7 +51,7 @@ from torch import nn
 from compress.config import PassConfig
 from compress.context import PassContext
 from compress import kinds
-from compress.passes.lib import bare, channels, prunable
+from compress.passes.lib import bare, channels, depth, hidden, prunable
 from compress.passes.lib.trainer import tokenized
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
@@ -61,6 +61,16 @@ class PruneStructured(PassConfig):
     pass_name = "prune.structured"
     heads: float = Field(0.5, ge=0, lt=1, description="fraction of attention units (kv groups) to remove in every layer")
     ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN neurons to remove in every layer")
+    layers: float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of transformer layers to remove (before heads / FFN), chosen by layer_importance on "
+        "calibration_batches x 8 training samples"))
+    layer_importance: Literal["influence", "angular"] = Field("influence", description=(
+        "influence: drop the layers of lowest block influence, 1 - cos between a layer's input and output (ShortGPT); "
+        "angular: drop the contiguous block whose input and output are closest (Gromov et al.)"))
+    hidden: float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of hidden (embedding) channels to remove from the whole residual stream, ranked by the norms' "
+        "activations on calibration text (Minitron); causal LMs and classifiers (an encoder's embedding width "
+        "would change)"))
     params: float | None = Field(**prunable.PARAMS_FIELD)
     importance: Literal["magnitude", "taylor", "random", "activation"] = Field(
         "magnitude", description="how units are ranked (activation: weights x calibration activations, best for LLMs)")
@@ -142,6 +152,33 @@ def _scores(model, tokenizer, data, kind: str, cfg: PruneStructured) -> dict[int
     return {id(p): p.detach() ** 2 for p in model.parameters()}  # unit score = squared L2 norm
 
 
+def _calibration(tokenizer, data, cfg: PruneStructured) -> dict[str, torch.Tensor]:
+    return tokenized(tokenizer, bare.texts(data, cfg.pass_name)[: cfg.calibration_batches * 8], cfg.max_length)
+
+
+def _drop_layers(model, tokenizer, data, kind, cfg: PruneStructured, fam: prunable.Family) -> list[int]:
+    """Depth pruning in place (cfg.layers); the removed layers' original indices."""
+    remove = depth.removal_count(model.config.num_hidden_layers, cfg.layers)
+    if not remove:
+        return []
+    model.eval()
+    drop = depth.choose(model, fam, _calibration(tokenizer, data, cfg), remove, cfg.layer_importance,
+                        forward_kwargs=kind.forward_kwargs())
+    original = depth.kept_layers(model.config)
+    depth.drop_layers(model, fam, drop)
+    return [original[i] for i in drop]
+
+
+def _narrow(model, tokenizer, data, kind, cfg: PruneStructured, fam: prunable.Family) -> dict:
+    """Hidden-size pruning in place (cfg.hidden), Minitron's activation importance; what changed."""
+    if not cfg.hidden:
+        return {}
+    before = model.config.hidden_size
+    scores = hidden.hidden_scores(model, fam, _calibration(tokenizer, data, cfg), forward_kwargs=kind.forward_kwargs())
+    hidden.slice_hidden(model, fam, hidden.keep_channels(scores, cfg.hidden))
+    return {"hidden": {"before": before, "after": model.config.hidden_size}}
+
+
 def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: PruneStructured | None = None, *,
           notes: dict | None = None, progress: bool = True, kind: str | None = None,
           ctx: PassContext | None = None) -> nn.Module:
@@ -168,14 +205,20 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: PruneS
         return model
     model = copy.deepcopy(model)
     fam, geo = prunable.family_of(model.config), prunable.Geometry.of(model.config)
-    cfg = prunable.targets(cfg, model, fam, geo)
     before = sum(p.numel() for p in model.parameters())
+    removed = _drop_layers(model, tokenizer, data, kind, cfg, fam)
+    narrowed = _narrow(model, tokenizer, data, kind, cfg, fam)
+    geo = prunable.Geometry.of(model.config)
+    cfg = prunable.targets(cfg, model, fam, geo)
     heads, ffn = prunable.unit_scores(model, fam, geo, _scores(model, tokenizer, data, kind, cfg))
     keep_heads, keep_ffn = prunable.keep_count(geo.kv_heads, cfg.heads), prunable.keep_count(geo.ffn, cfg.ffn)
     shape = prunable.slice_model(model, fam, geo, prunable.top_masks(heads, ffn, keep_heads, keep_ffn))
-    notes["pruning"] = {"before": {"heads": geo.heads, "kv_heads": geo.kv_heads, "ffn": geo.ffn, "params": before},
-                        "after": {**shape, "params": sum(p.numel() for p in model.parameters())},
-                        "importance": cfg.importance, "fractions": {"heads": cfg.heads, "ffn": cfg.ffn}}
+    notes["pruning"] = {"before": {"layers": geo.layers + len(removed), "heads": geo.heads, "kv_heads": geo.kv_heads,
+                                   "ffn": geo.ffn, "params": before},
+                        "after": {"layers": geo.layers, **shape, "params": sum(p.numel() for p in model.parameters())},
+                        "importance": cfg.importance, "fractions": {"layers": cfg.layers, "heads": cfg.heads, "ffn": cfg.ffn},
+                        **({"layers_removed": removed, "layer_importance": cfg.layer_importance} if removed else {}),
+                        **narrowed}
     return model.eval()
 
 
@@ -192,12 +235,14 @@ def _check(cfg: PruneStructured, info) -> list[str]:
         problems.append("channels applies to CNNs (Torch-Pruning); prune a transformer with heads and ffn")
     if cfg.importance == "taylor" and not info.kind.is_generative:
         problems.append(f"importance=taylor needs a causal LM's loss (the input is a {info.kind}); use magnitude")
-    if cfg.heads == 0 and cfg.ffn == 0 and cfg.params is None:
-        problems.append("nothing to prune: set heads and/or ffn above 0, or a params budget")
+    if cfg.heads == 0 and cfg.ffn == 0 and cfg.layers == 0 and cfg.hidden == 0 and cfg.params is None:
+        problems.append("nothing to prune: set layers, heads, ffn and/or hidden above 0, or a params budget")
+    if cfg.hidden > 0:
+        problems.extend(hidden.check_kind(info.kind))
     problems.extend(prunable.budget_problems(cfg))
     return problems
 
 
 PASS = PassSpec(name="prune.structured", config=PruneStructured, run=run, takes=("torch",), gives="torch",
-                needs_data=lambda cfg: cfg.importance in ("taylor", "activation"), check=_check, kinds=ALL_KINDS,
+                needs_data=lambda cfg: cfg.importance in ("taylor", "activation") or cfg.layers > 0 or cfg.hidden > 0, check=_check, kinds=ALL_KINDS,
                 summary="One-shot structured pruning of heads and FFN neurons (magnitude, Taylor, activation or random); CNNs by channels (Torch-Pruning).")

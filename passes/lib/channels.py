@@ -97,7 +97,7 @@ def check(cfg: Any, info: Any) -> list[str]:
     problems = []
     if cfg.channels == 0:
         problems.append("a CNN is pruned by channels: set channels (e.g. prune.structured:channels=0.25)")
-    set_fields = cfg.model_fields_set & {"heads", "ffn", "params"}
+    set_fields = cfg.model_fields_set & {"heads", "ffn", "params", "layers", "hidden"}
     if set_fields:
         problems.append(f"{', '.join(sorted(set_fields))}: for transformers; a CNN is pruned by channels")
     if cfg.importance == "activation":

@@ -70,13 +70,22 @@ def logit_loss(s_out, t_out, mask: torch.Tensor, w: LossWeights, taid_t: float |
     return per.mean()
 
 
-def hidden_loss(s_out, t_out, mask: torch.Tensor) -> torch.Tensor:
+def hidden_loss(s_out, t_out, mask: torch.Tensor, pairs: list[tuple[int, int]] | None = None,
+                channels: list[int] | None = None) -> torch.Tensor:
+    """Mean over `pairs` (student, teacher) of hidden_states indices (default: layer i with layer i) of
+    the masked MSE, each divided by the teacher layer's mean square; `channels`: the teacher channels
+    a hidden-pruned student kept (passes/lib/hidden.py channel_map), in the student's order."""
     keep = mask.unsqueeze(-1).to(torch.float32)
-    if len(s_out.hidden_states) != len(t_out.hidden_states):
-        raise ValueError(f"hidden-state loss needs as many layers in the student ({len(s_out.hidden_states) - 1}) as in "
-                         f"the teacher ({len(t_out.hidden_states) - 1}): set w_hidden=0")
+    if pairs is None:
+        if len(s_out.hidden_states) != len(t_out.hidden_states):
+            raise ValueError(f"hidden-state loss needs as many layers in the student ({len(s_out.hidden_states) - 1}) as "
+                             f"in the teacher ({len(t_out.hidden_states) - 1}), or a layer map: set w_hidden=0")
+        pairs = [(i, i) for i in range(1, len(s_out.hidden_states))]
     losses = []
-    for s_h, t_h in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]):
+    for s_i, t_i in pairs:
+        s_h, t_h = s_out.hidden_states[s_i], t_out.hidden_states[t_i]
+        if channels is not None:
+            t_h = t_h[..., channels]
         diff = ((s_h - t_h) ** 2 * keep).sum() / (keep.sum() * s_h.shape[-1])
         scale = ((t_h ** 2) * keep).sum() / (keep.sum() * t_h.shape[-1])
         losses.append(diff / scale.clamp(min=1e-6))
@@ -106,13 +115,16 @@ def lm_loss(s_out, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def distill_loss(kind: str | ModelKind, s_out, t_out, mask: torch.Tensor, w: LossWeights,
                  head_keep: list[torch.Tensor] | None = None, taid_t: float | None = None,
-                 input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                 input_ids: torch.Tensor | None = None, pairs: list[tuple[int, int]] | None = None,
+                 channels: list[int] | None = None) -> tuple[torch.Tensor, dict]:
+    """The weighted sum of the losses and each part's value; `pairs` and `channels`: the hidden-state
+    map of a depth- or hidden-pruned student (trainer.hidden_map; default: the same layers, all channels)."""
     kind = kinds.get(kind)
     parts = {"output": kind.output_loss(s_out, t_out, mask, w, taid_t)}
     if w.lm > 0 and kind.is_generative and input_ids is not None:
         parts["lm"] = lm_loss(s_out, input_ids, mask)
     if w.hidden > 0:
-        parts["hidden"] = hidden_loss(s_out, t_out, mask)
+        parts["hidden"] = hidden_loss(s_out, t_out, mask, pairs, channels)
     if w.attention > 0:
         parts["attention"] = attention_loss(s_out, t_out, mask, head_keep)
     weights = {"output": w.output, "hidden": w.hidden, "attention": w.attention, "lm": w.lm}

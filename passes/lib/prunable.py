@@ -303,6 +303,10 @@ def budget_problems(cfg: Any) -> list[str]:
     """Checks of the `params` budget against the fraction fields, before any work."""
     if cfg.params is None:
         return []
+    other = {k: getattr(cfg, k) for k in ("layers", "hidden") if getattr(cfg, k, 0) > 0}
+    if other:
+        return [f"params solves heads and ffn only: give either params or {', '.join(f'{k}={v}' for k, v in other.items())} "
+                "(with heads / ffn fractions)"]
     fixed = {k: getattr(cfg, k) for k in ("heads", "ffn") if k in cfg.model_fields_set}
     if any(v > 0 for v in fixed.values()):
         return [f"give either params or fractions ({', '.join(f'{k}={v}' for k, v in fixed.items())}); with params, "

@@ -45,6 +45,10 @@ class Callbacks:
     def head_keep(self) -> list[torch.Tensor] | None:
         return None
 
+    def layer_pairs(self) -> list[tuple[int, int]] | None:
+        """(student, teacher) hidden_states indices the hidden-state loss compares; None: the default."""
+        return None
+
     def describe(self) -> str:
         return ""
 
@@ -193,6 +197,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
     if kind.train_in_eval_mode:  # CNNs: BatchNorm statistics frozen, no dropout / drop-connect: match the eval teacher
         model.eval()
     n = next(iter(data.values())).shape[0]
+    pairs, channels = hidden_map(student, teacher)
     t0, avg, first, parts = time.perf_counter(), None, None, {}
     columns = (TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -208,7 +213,8 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
                 t_out = _forward(teacher, batch, kind, weights.attention > 0)
             s_out = _forward(model, batch, kind, weights.attention > 0)
             loss, parts = distill_loss(kind, s_out, t_out, batch.get("attention_mask"), weights, callbacks.head_keep(),
-                                       taid.t if taid is not None else None, batch.get("input_ids"))
+                                       taid.t if taid is not None else None, batch.get("input_ids"),
+                                       callbacks.layer_pairs() or pairs, channels)
             acc.backward(loss)
             callbacks.after_backward(step, acc.unwrap_model(model))
             acc.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -229,6 +235,19 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
     acc.unwrap_model(model).eval()
     return {"steps": settings.steps, "resumed_from": start, "first_loss": first, "final_loss": avg, "final_parts": parts,
             "seconds": round(time.perf_counter() - t0, 1), "processes": acc.num_processes}
+
+
+def hidden_map(student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[list | None, list | None]:
+    """What the hidden-state loss compares for a depth- or hidden-pruned student: the (student, teacher)
+    layer pairs (depth.layer_pairs) and the teacher channels the student kept (hidden.channel_map);
+    None, None when both have the same layers and channels (or no transformers config: a CNN)."""
+    from compress.passes.lib import depth, hidden
+
+    s_cfg, t_cfg = getattr(student, "config", None), getattr(teacher, "config", None)
+    if not all(hasattr(c, "num_hidden_layers") and hasattr(c, "hidden_size") for c in (s_cfg, t_cfg)):
+        return None, None
+    same_layers = s_cfg.num_hidden_layers == t_cfg.num_hidden_layers and depth.kept_layers(s_cfg) == depth.kept_layers(t_cfg)
+    return (None if same_layers else depth.layer_pairs(s_cfg, t_cfg)), hidden.channel_map(s_cfg, t_cfg)
 
 
 def tokenized(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
