@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import PassContext
-from compress.passes.lib import bare, depth, hidden, prunable
+from compress.passes.lib import bare, budget, depth, hidden, prunable
 from compress.passes.lib.trainer import Callbacks, TrainSettings, tokenized, train
 from compress.passes.lib.training import TrainingFields
 from compress.registry import PassSpec
@@ -44,6 +44,7 @@ class HomoDistil(TrainingFields):
         "fraction of hidden (embedding) channels removed before training, by the norms' activations (Minitron), "
         "then distilled (hidden-state loss on the teacher's kept channels); causal LMs and classifiers"))
     params: float | None = Field(**prunable.PARAMS_FIELD)
+    latency: float | None = Field(**budget.LATENCY_FIELD)
     w_lm: float = Field(0.5, ge=0, le=1000, description=(
         "causal LMs: weight of the next-token cross-entropy; it also gives the importance a signal while the "
         "student still equals the teacher (Llama has no dropout to do that)"))
@@ -198,6 +199,8 @@ def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any
     tokens = tokenized(tokenizer, texts, cfg.max_length)
     calibration = {k: v[:32] for k, v in tokens.items()}  # where channels and the next layer to drop are measured
     width = student.config.hidden_size
+    with bare.context(ctx, workdir, progress) as c:
+        cfg, chosen = budget.solve(cfg, student, fam, kind, tokenizer, texts, c.console)
     if cfg.hidden:  # one shot before training, as Minitron does; distillation then recovers
         scores = hidden.hidden_scores(student, fam, calibration, forward_kwargs=kind.forward_kwargs())
         hidden.slice_hidden(student, fam, hidden.keep_channels(scores, cfg.hidden))
@@ -221,7 +224,7 @@ def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any
                             "after": {"layers": student.config.num_hidden_layers, "hidden": student.config.hidden_size,
                                       **shape, "params": after},
                             "train": stats, "fractions": {"layers": cfg.layers, "hidden": cfg.hidden, "heads": cfg.heads,
-                                                          "ffn": cfg.ffn}}
+                                                          "ffn": cfg.ffn}, **({"budget": chosen} if chosen else {})}
     return student.eval()
 
 
@@ -233,6 +236,6 @@ def run(state: ModelState, cfg: HomoDistil, ctx: PassContext) -> ModelState:
 
 PASS = PassSpec(name="prune.homodistil", config=HomoDistil, run=run, takes=("torch",), gives="torch",
                 needs_data=lambda cfg: True,
-                check=lambda cfg, info: prunable.check_supported(info) + prunable.budget_problems(cfg)
+                check=lambda cfg, info: prunable.check_supported(info) + prunable.budget_problems(cfg) + budget.problems(cfg)
                 + (hidden.check_kind(info.kind) if cfg.hidden else []),
                 summary="Iterative structured pruning of heads and FFN neurons while distilling from the input model (HomoDistil).")

@@ -50,8 +50,7 @@ from torch import nn
 
 from compress.config import PassConfig
 from compress.context import PassContext
-from compress import kinds
-from compress.passes.lib import bare, channels, depth, hidden, prunable
+from compress.passes.lib import activations, bare, budget, channels, depth, hidden, prunable
 from compress.passes.lib.trainer import tokenized
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
@@ -72,6 +71,7 @@ class PruneStructured(PassConfig):
         "activations on calibration text (Minitron); causal LMs and classifiers (an encoder's embedding width "
         "would change)"))
     params: float | None = Field(**prunable.PARAMS_FIELD)
+    latency: float | None = Field(**budget.LATENCY_FIELD)
     importance: Literal["magnitude", "taylor", "random", "activation"] = Field(
         "magnitude", description="how units are ranked (activation: weights x calibration activations, best for LLMs)")
     taylor_batches: int = Field(8, ge=1, le=1000, description="taylor: training batches of 8 samples for the gradients")
@@ -99,53 +99,12 @@ def _taylor_scores(model, tokenizer, texts: list[str], cfg: PruneStructured) -> 
     return scores
 
 
-@torch.no_grad()
-def _mean_squares(model, tokenizer, texts: list[str], kind: str, cfg: PruneStructured,
-                  inputs: list[nn.Linear]) -> list[torch.Tensor]:
-    """Mean of x_c^2 over the real (unpadded) calibration tokens, for every input column c of each
-    linear in `inputs`, from forward pre-hooks; training text only, never the held-out split."""
-    data = tokenized(tokenizer, texts[: cfg.calibration_batches * 8], cfg.max_length)
-    sums = [torch.zeros(lin.in_features, dtype=torch.float64) for lin in inputs]
-    real: list[torch.Tensor] = []  # the current batch's attention mask, flattened to (batch * seq,)
-
-    def hook(i: int):
-        def pre(_module, args):
-            x = args[0].detach().reshape(-1, inputs[i].in_features)[real[0]]  # (real tokens, in_features)
-            sums[i] += x.double().pow(2).sum(0).cpu()
-        return pre
-
-    handles = [lin.register_forward_pre_hook(hook(i)) for i, lin in enumerate(inputs)]
-    extra = kinds.get(kind).forward_kwargs()  # causal LMs: use_cache=False
-    try:
-        for b in range(0, data["input_ids"].shape[0], 8):
-            ids, mask = data["input_ids"][b:b + 8].to(model.device), data["attention_mask"][b:b + 8].to(model.device)
-            real[:] = [mask.reshape(-1).bool()]
-            model(input_ids=ids, attention_mask=mask, **extra)
-    finally:
-        for handle in handles:
-            handle.remove()
-    tokens = max(int(data["attention_mask"].sum()), 1)
-    return [(total / tokens).float() for total in sums]
-
-
-def _activation_scores(model, tokenizer, texts: list[str], kind: str, cfg: PruneStructured) -> dict[int, torch.Tensor]:
-    """Per element of o and down: W[r, c]^2 * E[x_c^2], x the linear's input. unit_scores sums it over
-    a neuron's down column (||W_down[:, j]||^2 E[h_j^2], the square of the FLAP / structured-Wanda
-    score) and over the o columns of a kv group's query heads; q/k/v/up/gate get no score. Squares
-    rank like the norms, and add up over a group's columns as expected squared contributions."""
-    fam = prunable.family_of(model.config)
-    targets = [prunable.linears(layer, fam)[key] for layer in prunable.layers(model, fam) for key in ("o", "down")]
-    model.eval()  # no dropout while measuring
-    means = _mean_squares(model, tokenizer, texts, kind, cfg, targets)
-    return {id(lin.weight): lin.weight.detach().float().pow(2) * mean.to(lin.weight.device)[None, :]
-            for lin, mean in zip(targets, means)}  # (out_features, in_features)
-
-
 def _scores(model, tokenizer, data, kind: str, cfg: PruneStructured) -> dict[int, torch.Tensor]:
     if cfg.importance == "taylor":
         return _taylor_scores(model, tokenizer, bare.texts(data, cfg.pass_name), cfg)
     if cfg.importance == "activation":
-        return _activation_scores(model, tokenizer, bare.texts(data, cfg.pass_name), kind, cfg)
+        model.eval()  # no dropout while measuring
+        return activations.unit_element_scores(model, _calibration(tokenizer, data, cfg), kind.forward_kwargs())
     if cfg.importance == "random":
         g = torch.Generator().manual_seed(cfg.seed)
         return {id(p): torch.rand(p.shape, generator=g) for p in model.parameters()}
@@ -206,6 +165,9 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: PruneS
     model = copy.deepcopy(model)
     fam, geo = prunable.family_of(model.config), prunable.Geometry.of(model.config)
     before = sum(p.numel() for p in model.parameters())
+    with bare.context(ctx, None, progress) as c:
+        cfg, chosen = budget.solve(cfg, model, fam, kind, tokenizer, bare.texts(data, cfg.pass_name) if cfg.latency else [],
+                                   c.console)
     removed = _drop_layers(model, tokenizer, data, kind, cfg, fam)
     narrowed = _narrow(model, tokenizer, data, kind, cfg, fam)
     geo = prunable.Geometry.of(model.config)
@@ -218,7 +180,7 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: PruneS
                         "after": {"layers": geo.layers, **shape, "params": sum(p.numel() for p in model.parameters())},
                         "importance": cfg.importance, "fractions": {"layers": cfg.layers, "heads": cfg.heads, "ffn": cfg.ffn},
                         **({"layers_removed": removed, "layer_importance": cfg.layer_importance} if removed else {}),
-                        **narrowed}
+                        **narrowed, **({"budget": chosen} if chosen else {})}
     return model.eval()
 
 
@@ -235,14 +197,16 @@ def _check(cfg: PruneStructured, info) -> list[str]:
         problems.append("channels applies to CNNs (Torch-Pruning); prune a transformer with heads and ffn")
     if cfg.importance == "taylor" and not info.kind.is_generative:
         problems.append(f"importance=taylor needs a causal LM's loss (the input is a {info.kind}); use magnitude")
-    if cfg.heads == 0 and cfg.ffn == 0 and cfg.layers == 0 and cfg.hidden == 0 and cfg.params is None:
+    if cfg.heads == 0 and cfg.ffn == 0 and cfg.layers == 0 and cfg.hidden == 0 and cfg.params is None \
+            and cfg.latency is None:
         problems.append("nothing to prune: set layers, heads, ffn and/or hidden above 0, or a params budget")
     if cfg.hidden > 0:
         problems.extend(hidden.check_kind(info.kind))
-    problems.extend(prunable.budget_problems(cfg))
+    problems.extend(prunable.budget_problems(cfg) + budget.problems(cfg))
     return problems
 
 
 PASS = PassSpec(name="prune.structured", config=PruneStructured, run=run, takes=("torch",), gives="torch",
-                needs_data=lambda cfg: cfg.importance in ("taylor", "activation") or cfg.layers > 0 or cfg.hidden > 0, check=_check, kinds=ALL_KINDS,
+                needs_data=lambda cfg: cfg.importance in ("taylor", "activation") or cfg.layers > 0 or cfg.hidden > 0
+                or cfg.latency is not None, check=_check, kinds=ALL_KINDS,
                 summary="One-shot structured pruning of heads and FFN neurons (magnitude, Taylor, activation or random); CNNs by channels (Torch-Pruning).")

@@ -219,6 +219,6 @@ def check_kind(kind) -> list[str]:
     """Hidden-size pruning changes the output of a kind whose output IS the last hidden state (a
     sentence encoder): refused there."""
     if "last_hidden_state" in getattr(kind, "onnx_outputs", ()):
-        return ["hidden pruning would change the sentence-embedding width (and every index built on the original "
-                "embeddings); it applies to causal LMs and classifiers. Prune an encoder's layers, heads and ffn"]
+        return [("hidden pruning would change the sentence-embedding width (and every index built on the original "
+                 "embeddings); it applies to causal LMs and classifiers. Prune an encoder's layers, heads and ffn")]
     return []

@@ -33,6 +33,7 @@ class TrainSettings:
     seed: int
     checkpoint_every: int
     dropout_steps: int = 0  # the model's own dropout is active for the first `dropout_steps` steps, then off
+    freeze_embeddings: bool = False  # the input token embeddings keep the teacher's values (no gradient, no AdamW state)
 
 
 class Callbacks:
@@ -153,11 +154,16 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module, kind: str | ModelK
     kind = kinds.get(kind)
     dropout = DropoutSchedule(student, settings.dropout_steps)
     devices = [next(m.parameters()).device for m in (student, teacher)]
+    frozen = frozen_embeddings(student) if settings.freeze_embeddings else []
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with attention_for_training([student, teacher], weights.attention > 0):
             return _train(student, teacher, kind, data, settings, weights, workdir, key, console,
                           callbacks or Callbacks(), taid, resume, label, dropout)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         dropout.restore()
         student.to(devices[0])  # measurement and export run where the models came from (CPU)
         teacher.to(devices[1])
@@ -205,7 +211,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
         task = bar.add_task(label, total=settings.steps, completed=start, info="")
         for step in range(start, settings.steps):
             idx = batch_indices(step, n, settings.batch_size, settings.seed, acc.process_index, acc.num_processes)
-            batch = {k: v[idx] for k, v in data.items()}
+            batch = trim_padding({k: v[idx] for k, v in data.items()})
             batch = kind.inputs.training_view(batch, settings.seed * 1_000_003 + step)  # images: a fresh random view
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             dropout.at(step)
@@ -235,6 +241,32 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
     acc.unwrap_model(model).eval()
     return {"steps": settings.steps, "resumed_from": start, "first_loss": first, "final_loss": avg, "final_parts": parts,
             "seconds": round(time.perf_counter() - t0, 1), "processes": acc.num_processes}
+
+
+def frozen_embeddings(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The token-embedding table to freeze (a third to a half of a small encoder's parameters, and of
+    every optimizer step's work); none when it is tied to the output head, which must keep learning."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if get_in else None
+    if emb is None or not isinstance(getattr(emb, "weight", None), torch.nn.Parameter):
+        return []
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is emb.weight:
+        return []
+    return [emb.weight]
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the columns that are padding in every row of the batch (either padding side): a batch of
+    short texts costs what its longest text needs, not max_length. Other inputs stay as they are."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    cols = torch.nonzero(mask.any(0)).flatten()
+    if not len(cols) or (cols[0] == 0 and cols[-1] == mask.shape[1] - 1):
+        return batch
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    return {k: v[:, lo:hi] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in batch.items()}
 
 
 def hidden_map(student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[list | None, list | None]:

@@ -22,6 +22,8 @@ class TrainingFields(PassConfig):
     seed: int = Field(0, ge=0, description="seed for initialisation order and batch order")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (resume after interruption)")
     dropout: bool = Field(False, description="keep the model's dropout for the whole training (default: off, so the student can match the eval-mode teacher)")
+    freeze_embeddings: bool = Field(False, description=(
+        "keep the input token embeddings as they are (not trained): faster steps; untied embeddings only"))
     w_output: float = Field(1.0, ge=0, le=1000, description="weight of the output loss (embedding cosine / logit KL)")
     w_hidden: float = Field(1.0, ge=0, le=1000, description="weight of the per-layer hidden-state MSE")
     w_attention: float = Field(0.0, ge=0, le=1000, description="weight of the attention-map MSE (training then runs with eager attention, slower)")
@@ -30,7 +32,8 @@ class TrainingFields(PassConfig):
 
     def settings(self, dropout_steps: int = 0) -> TrainSettings:
         return TrainSettings(self.steps, self.batch_size, self.lr, self.warmup, self.weight_decay, self.max_grad_norm,
-                             self.seed, self.checkpoint_every, self.steps if self.dropout else dropout_steps)
+                             self.seed, self.checkpoint_every, self.steps if self.dropout else dropout_steps,
+                             self.freeze_embeddings)
 
     def loss_weights(self, pooling: str = "mean") -> LossWeights:
         return LossWeights(output=self.w_output, hidden=self.w_hidden, attention=self.w_attention,
