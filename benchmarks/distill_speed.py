@@ -84,7 +84,7 @@ SETTINGS = {  # name -> HomoDistil fields; the baseline is today's loop at 64 to
 
 def end_to_end(model, tokenizer, texts: list[str], steps: int, rounds: int, max_length: int, console: Console) -> dict:
     """Steps/s and real tokens/s of trainer.train under each setting, interleaved over `rounds`."""
-    import compress.passes.lib.trainer as trainer
+    from compress.passes.lib import trainer
 
     results = {name: {"seconds": 0.0, "steps": 0, "tokens": 0} for name in SETTINGS}
     data = tokenized(tokenizer, texts, max_length)

@@ -95,7 +95,7 @@ def _text_data(teacher, tokenizer, texts: list[str], pooling: str, cfg: DistillK
     texts = texts[: cfg.steps * cfg.batch_size]
     if cfg.self_data:
         texts = regenerate(teacher, tokenizer, texts, cfg, console)
-    return (tokenized(tokenizer, texts, cfg.max_length), cfg.loss_weights(pooling),
+    return (tokenized(tokenizer, texts, cfg.max_length, cfg.windows), cfg.loss_weights(pooling),
             {"texts": len(texts), "self_data": cfg.self_data})
 
 

@@ -38,8 +38,12 @@ class HomoDistil(TrainingFields):
         "influence among the layers left, measured on the student then); each kept layer distils from its teacher "
         "layer"))
     layer_importance: Literal["influence", "angular"] = Field("influence", description=(
-        "how the next layer to drop is chosen: influence = 1 - cos between its input and output (ShortGPT), "
+        "how layers to drop are chosen: influence = 1 - cos between a layer's input and output (ShortGPT), "
         "angular = arccos of that cos / pi (Gromov et al.); both over real tokens of 32 training samples"))
+    layer_schedule: Literal["start", "gradual"] = Field("start", description=(
+        "start: the layers go in one shot before training, then every step trains the final depth (measured better "
+        "on MiniLM, 3 of 6 layers: see docs/methods.md); gradual: one at a time over the pruning phase, the next "
+        "one measured on the student then"))
     hidden: float = Field(0.0, ge=0, lt=1, description=(
         "fraction of hidden (embedding) channels removed before training, by the norms' activations (Minitron), "
         "then distilled (hidden-state loss on the teacher's kept channels); causal LMs and classifiers"))
@@ -86,8 +90,8 @@ class Platon(Callbacks):
     def __init__(self, model: torch.nn.Module, cfg: HomoDistil, fam: prunable.Family, geo: prunable.Geometry,
                  calibration: dict[str, torch.Tensor] | None = None, forward_kwargs: dict | None = None):
         self.cfg, self.fam, self.geo = cfg, fam, geo
-        self.depth = depth.Dropper(model, fam, depth.removal_count(geo.layers, cfg.layers), cfg.layer_importance,
-                                   calibration or {}, forward_kwargs)
+        gradual = depth.removal_count(geo.layers, cfg.layers) if cfg.layer_schedule == "gradual" else 0
+        self.depth = depth.Dropper(model, fam, gradual, cfg.layer_importance, calibration or {}, forward_kwargs)
         self.masks = prunable.Masks.full(geo)
         self.names = self._prunable_names(model)
         self.ibar: dict[str, torch.Tensor] = {}
@@ -174,6 +178,16 @@ def _tie_break(scores: list[torch.Tensor], magnitude: list[torch.Tensor]) -> lis
     return out
 
 
+def _drop_at_start(student: nn.Module, fam: prunable.Family, cfg: HomoDistil, calibration: dict, kind: Any) -> list[int]:
+    """layer_schedule=start: the layers of lowest importance removed before training (original indices)."""
+    remove = depth.removal_count(student.config.num_hidden_layers, cfg.layers)
+    if cfg.layer_schedule != "start" or not remove:
+        return []
+    drop = depth.choose(student, fam, calibration, remove, cfg.layer_importance, forward_kwargs=kind.forward_kwargs())
+    depth.drop_layers(student, fam, drop)
+    return drop
+
+
 def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any, cfg: HomoDistil | None = None, *,
           notes: dict | None = None, workdir: Path | str | None = None, progress: bool = True, pooling: str = "mean",
           kind: str | None = None, ctx: PassContext | None = None) -> nn.Module:
@@ -196,7 +210,7 @@ def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any
     student = copy.deepcopy(model)
     fam = prunable.family_of(student.config)
     before = sum(p.numel() for p in student.parameters())
-    tokens = tokenized(tokenizer, texts, cfg.max_length)
+    tokens = tokenized(tokenizer, texts, cfg.max_length, cfg.windows)
     calibration = {k: v[:32] for k, v in tokens.items()}  # where channels and the next layer to drop are measured
     width = student.config.hidden_size
     with bare.context(ctx, workdir, progress) as c:
@@ -204,6 +218,7 @@ def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any
     if cfg.hidden:  # one shot before training, as Minitron does; distillation then recovers
         scores = hidden.hidden_scores(student, fam, calibration, forward_kwargs=kind.forward_kwargs())
         hidden.slice_hidden(student, fam, hidden.keep_channels(scores, cfg.hidden))
+    removed = _drop_at_start(student, fam, cfg, calibration, kind)
     geo = prunable.Geometry.of(student.config)
     cfg = prunable.targets(cfg, student, fam, geo)
     callbacks = Platon(student, cfg, fam, geo, calibration, kind.forward_kwargs())
@@ -219,12 +234,13 @@ def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any
     shape.update(callbacks.depth.finish(student))
     after = sum(p.numel() for p in student.parameters())
     if notes is not None:
-        notes["pruning"] = {"before": {"layers": geo.layers, "hidden": width, "heads": geo.heads, "kv_heads": geo.kv_heads,
+        notes["pruning"] = {"before": {"layers": geo.layers + len(removed), "hidden": width, "heads": geo.heads, "kv_heads": geo.kv_heads,
                                        "ffn": geo.ffn, "params": before},
                             "after": {"layers": student.config.num_hidden_layers, "hidden": student.config.hidden_size,
                                       **shape, "params": after},
                             "train": stats, "fractions": {"layers": cfg.layers, "hidden": cfg.hidden, "heads": cfg.heads,
-                                                          "ffn": cfg.ffn}, **({"budget": chosen} if chosen else {})}
+                                                          "ffn": cfg.ffn}, **({"budget": chosen} if chosen else {}),
+                            **({"layers_removed": removed} if removed else {})}
     return student.eval()
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from transformers.modeling_outputs import CausalLMOutput
 
+from compress import Pipeline
 from compress.passes.distill_kd import DistillKD, regenerate
 from compress.passes.lib import trainer
 from compress.passes.lib.losses import LossWeights, Taid, attention_loss, logit_loss
@@ -186,3 +187,25 @@ def test_w_attention_pulls_the_students_attention_maps_to_the_teachers(tmp_path,
     assert attention[-1] < 0.4 * attention[0]  # measured 0.041
     assert held_out_error(with_att) < 0.5 * min(before, held_out_error(without))
     assert held_out_error(without) < before * 1.05  # the output loss alone barely moves the maps
+
+
+def test_training_windows_use_all_of_a_long_text_and_count_tokens_seen(tiny_bert, text_file, tmp_path, fast):
+    from transformers import AutoTokenizer
+
+    from compress.passes.lib.trainer import tokenized
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = text_file.read_text().splitlines()[:6]
+    cut, windows = tokenized(tok, texts, 32), tokenized(tok, texts, 32, windows=True)
+    whole = sum(len(tok(t)["input_ids"]) - 2 for t in texts)  # tokens of the texts without [CLS] / [SEP]
+    real = lambda d: int(d["attention_mask"].sum())
+    assert real(cut) == 6 * 32 and windows["input_ids"].shape[0] > 6
+    # every token of every text is in some window (short tails under 8 tokens aside), each window framed
+    assert whole - 6 * 8 <= real(windows) - 2 * windows["input_ids"].shape[0] <= whole
+    assert (windows["input_ids"][:, 0] == tok.cls_token_id).all()
+
+    result = Pipeline([{"pass": "distill.kd", "steps": 3, "batch_size": 4, "max_length": 32}]).run(
+        str(tiny_bert), str(text_file), tmp_path / "o", **fast)
+    stats = result.report["stages"][1]["distill"]
+    assert 3 * 4 * 8 <= stats["tokens_seen"] <= 3 * 4 * 32
+    assert stats["samples"] > stats["texts"]  # the training paragraphs became more windows than texts

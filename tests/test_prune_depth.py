@@ -137,8 +137,8 @@ def test_layer_pairs_follow_kept_layers_and_fall_back_to_uniform():
 
 def test_homodistil_drops_layers_gradually_and_distils_each_from_its_teacher_layer(llama4, text_file, tmp_path, fast):
     before, _, _ = load_hf(llama4)
-    result = Pipeline([{"pass": "prune.homodistil", **QUICK, "layers": 0.5, "heads": 0.5, "ffn": 0.5}]).run(
-        str(llama4), str(text_file), tmp_path / "o", **fast)
+    result = Pipeline([{"pass": "prune.homodistil", **QUICK, "layers": 0.5, "heads": 0.5, "ffn": 0.5,
+                        "layer_schedule": "gradual"}]).run(str(llama4), str(text_file), tmp_path / "o", **fast)
 
     model, _, _ = load_hf(tmp_path / "o" / "model")
     notes = result.report["stages"][1]["pruning"]
@@ -151,13 +151,25 @@ def test_homodistil_drops_layers_gradually_and_distils_each_from_its_teacher_lay
     torch.testing.assert_close(_outputs(model), _outputs(result.state.model), atol=1e-5, rtol=1e-5)
 
 
+def test_homodistil_drops_layers_at_the_start_by_default(bert4, text_file, tmp_path, fast):
+    result = Pipeline([{"pass": "prune.homodistil", **QUICK, "layers": 0.5, "heads": 0.5, "ffn": 0}]).run(
+        str(bert4), str(text_file), tmp_path / "o", **fast)
+    notes = result.report["stages"][1]["pruning"]
+    model = result.state.model
+
+    assert (notes["before"]["layers"], notes["after"]["layers"]) == (4, 2) and len(notes["layers_removed"]) == 2
+    assert model.config.kept_layers == sorted(set(range(4)) - set(notes["layers_removed"]))
+    assert model.config.num_attention_heads == 2
+    assert notes["train"]["final_parts"]["hidden"] > 0  # each kept layer against its teacher layer
+
+
 def test_dropper_schedule_bypass_and_resume(llama4, text_file):
     from compress.passes.prune_homodistil import HomoDistil, Platon
 
     model, _, _ = load_hf(llama4)
     fam, geo = prunable.family_of(model.config), prunable.Geometry.of(model.config)
     data = _calibration(llama4, text_file.read_text().splitlines())
-    cfg = HomoDistil(steps=100, layers=0.5, heads=0, ffn=0)
+    cfg = HomoDistil(steps=100, layers=0.5, heads=0, ffn=0, layer_schedule="gradual")
     platon = Platon(model, cfg, fam, geo, data)
     dropped = [platon.layers_dropped(s) for s in range(100)]
     assert dropped[: platon.t_i] == [0] * platon.t_i and dropped[platon.last] == 2 and dropped == sorted(dropped)

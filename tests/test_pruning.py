@@ -183,9 +183,9 @@ def test_distill_kd_taid_and_self_data_train_on_the_teachers_texts_with_a_rising
         seen.update(teacher_params=_params(teacher), texts=list(texts), regenerated=out, tokenizer=tokenizer)
         return out
 
-    def tokenized(tokenizer, texts, max_length):
+    def tokenized(tokenizer, texts, max_length, windows=False):
         seen["trained_on"] += list(texts)
-        return real_tokenized(tokenizer, texts, max_length)
+        return real_tokenized(tokenizer, texts, max_length, windows)
 
     def distill_loss(*args, **kwargs):
         seen["taid_t"].append(inspect.signature(real_loss).bind(*args, **kwargs).arguments.get("taid_t"))

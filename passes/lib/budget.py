@@ -159,7 +159,8 @@ class Proxy:
 class Choice:
     shape: Shape
     ratio: float  # measured int8 latency over the unpruned int8 model's
-    table: list[dict]  # the fitting candidates, best proxy first (up to 8), and what was measured
+    table: list[dict]  # the fitting candidates, best proxy first (up to 8): latency ratio as estimated when
+    # choosing (measured at probed shapes, interpolated in depth otherwise), proxy loss
 
     def as_dict(self, geo: prunable.Geometry, target: float) -> dict:
         return {"target": target, "chosen": self.shape.label(geo), "fractions": vars(self.shape),
@@ -190,12 +191,13 @@ def choose(model: nn.Module, fam: prunable.Family, kind: Any, tokenizer: Any, te
     losses = {s: proxy.loss(s) for s in fitting}
     scored = sorted(fitting, key=lambda s: (losses[s], ratios[s]))
     best = scored[0]
+    measured = ratios[best]
     if best not in lat:  # interpolated: measure it exactly, next to the unpruned model
         exact = int8_latencies({full: sliced(model, fam, full), best: sliced(model, fam, best)}, tokenizer, texts, seq, threads)
-        ratios[best] = exact[best] / exact[full]
-    table = [{"shape": s.label(geo), "latency_ratio": round(ratios[s], 3), "proxy_loss": round(losses[s], 5)}
-             for s in scored[:8]]
-    return Choice(best, ratios[best], table)
+        measured = exact[best] / exact[full]
+    table = [{"shape": s.label(geo), "latency_ratio": round(ratios[s], 3), "proxy_loss": round(losses[s], 5),
+              "measured": s in lat} for s in scored[:8]]
+    return Choice(best, measured, table)
 
 
 LATENCY_FIELD = dict(default=None, gt=0, lt=1, description=(
@@ -210,8 +212,8 @@ def problems(cfg: Any) -> list[str]:
     given = {k: getattr(cfg, k) for k in ("layers", "heads", "ffn", "hidden") if k in cfg.model_fields_set}
     given.update({"params": cfg.params} if cfg.params is not None else {})
     if given:
-        return [f"give either latency or {', '.join(f'{k}={v}' for k, v in given.items())}: a latency budget chooses "
-                "layers, heads and ffn itself (hidden is not searched)"]
+        return [(f"give either latency or {', '.join(f'{k}={v}' for k, v in given.items())}: a latency budget chooses "
+                 "layers, heads and ffn itself (hidden is not searched)")]
     return []
 
 

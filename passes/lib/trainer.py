@@ -204,7 +204,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
         model.eval()
     n = next(iter(data.values())).shape[0]
     pairs, channels = hidden_map(student, teacher)
-    t0, avg, first, parts = time.perf_counter(), None, None, {}
+    t0, avg, first, parts, tokens = time.perf_counter(), None, None, {}, 0
     columns = (TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not acc.is_main_process, transient=False) as bar:
@@ -214,6 +214,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
             batch = trim_padding({k: v[idx] for k, v in data.items()})
             batch = kind.inputs.training_view(batch, settings.seed * 1_000_003 + step)  # images: a fresh random view
             batch = {k: v.to(acc.device) for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum()) * acc.num_processes if "attention_mask" in batch else 0
             dropout.at(step)
             with torch.no_grad():
                 t_out = _forward(teacher, batch, kind, weights.attention > 0)
@@ -240,6 +241,7 @@ def _train(student, teacher, kind, data, settings, weights, workdir, key, consol
             acc.wait_for_everyone()
     acc.unwrap_model(model).eval()
     return {"steps": settings.steps, "resumed_from": start, "first_loss": first, "final_loss": avg, "final_parts": parts,
+            "samples": n, **({"tokens_seen": tokens} if tokens else {}),
             "seconds": round(time.perf_counter() - t0, 1), "processes": acc.num_processes}
 
 
@@ -282,7 +284,18 @@ def hidden_map(student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[list
     return (None if same_layers else depth.layer_pairs(s_cfg, t_cfg)), hidden.channel_map(s_cfg, t_cfg)
 
 
-def tokenized(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """All training texts, padded to `max_length` (fixed shapes keep step times even)."""
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+def tokenized(tokenizer: Any, texts: list[str], max_length: int, windows: bool = False) -> dict[str, torch.Tensor]:
+    """All training texts, padded to `max_length` (fixed shapes keep step times even). `windows`: a
+    text longer than max_length becomes consecutive windows of it (each with the model's special
+    tokens) instead of being cut off, so all of the text is used; windows under 8 real tokens are
+    dropped (only a long text's tail can be that short)."""
+    if not windows:
+        enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt",
+                    return_overflowing_tokens=True)
+    ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+    whole = torch.tensor([True] + [a != b for a, b in zip(enc["overflow_to_sample_mapping"].tolist(),
+                                                          enc["overflow_to_sample_mapping"].tolist()[1:])])
+    keep = (mask.sum(1) >= 8) | whole  # a text's first window always stays, however short the text
+    return {"input_ids": ids[keep], "attention_mask": mask[keep]}

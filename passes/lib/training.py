@@ -19,6 +19,9 @@ class TrainingFields(PassConfig):
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay (matrices only)")
     max_grad_norm: float = Field(1.0, gt=0, le=1000, description="gradient clipping norm")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per training sample")
+    windows: bool = Field(True, description=(
+        "a training text longer than max_length becomes consecutive windows of it (all of the text is used) "
+        "instead of being cut at max_length"))
     seed: int = Field(0, ge=0, description="seed for initialisation order and batch order")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (resume after interruption)")
     dropout: bool = Field(False, description="keep the model's dropout for the whole training (default: off, so the student can match the eval-mode teacher)")
