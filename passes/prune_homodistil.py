@@ -34,9 +34,8 @@ class HomoDistil(TrainingFields):
     heads: float = Field(0.5, ge=0, lt=1, description="fraction of attention units (kv groups) to remove in every layer")
     ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN neurons to remove in every layer")
     layers: float = Field(0.0, ge=0, lt=1, description=(
-        "fraction of transformer layers to remove, one at a time during the pruning phase (the lowest block "
-        "influence among the layers left, measured on the student then); each kept layer distils from its teacher "
-        "layer"))
+        "fraction of transformer layers to remove (when: layer_schedule; which: layer_importance); each kept layer "
+        "distils from its teacher layer"))
     layer_importance: Literal["influence", "angular"] = Field("influence", description=(
         "how layers to drop are chosen: influence = 1 - cos between a layer's input and output (ShortGPT), "
         "angular = arccos of that cos / pi (Gromov et al.); both over real tokens of 32 training samples"))
@@ -180,12 +179,9 @@ def _tie_break(scores: list[torch.Tensor], magnitude: list[torch.Tensor]) -> lis
 
 def _drop_at_start(student: nn.Module, fam: prunable.Family, cfg: HomoDistil, calibration: dict, kind: Any) -> list[int]:
     """layer_schedule=start: the layers of lowest importance removed before training (original indices)."""
-    remove = depth.removal_count(student.config.num_hidden_layers, cfg.layers)
-    if cfg.layer_schedule != "start" or not remove:
+    if cfg.layer_schedule != "start":
         return []
-    drop = depth.choose(student, fam, calibration, remove, cfg.layer_importance, forward_kwargs=kind.forward_kwargs())
-    depth.drop_layers(student, fam, drop)
-    return drop
+    return depth.prune(student, fam, calibration, cfg.layers, cfg.layer_importance, kind.forward_kwargs())
 
 
 def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any, cfg: HomoDistil | None = None, *,
@@ -215,18 +211,17 @@ def apply(model: nn.Module, teacher: nn.Module | None, tokenizer: Any, data: Any
     width = student.config.hidden_size
     with bare.context(ctx, workdir, progress) as c:
         cfg, chosen = budget.solve(cfg, student, fam, kind, tokenizer, texts, c.console)
-    if cfg.hidden:  # one shot before training, as Minitron does; distillation then recovers
-        scores = hidden.hidden_scores(student, fam, calibration, forward_kwargs=kind.forward_kwargs())
-        hidden.slice_hidden(student, fam, hidden.keep_channels(scores, cfg.hidden))
-    removed = _drop_at_start(student, fam, cfg, calibration, kind)
-    geo = prunable.Geometry.of(student.config)
-    cfg = prunable.targets(cfg, student, fam, geo)
-    callbacks = Platon(student, cfg, fam, geo, calibration, kind.forward_kwargs())
-    # Before anything is pruned the student equals the teacher and the loss (so every gradient) is 0:
-    # dropout during the warm-up gives PLATON a loss to measure sensitivity on (the paper fine-tunes
-    # with dropout on throughout).
-    settings = cfg.settings(dropout_steps=callbacks.t_i)
-    with bare.context(ctx, workdir, progress) as c:
+        if cfg.hidden:  # one shot before training, as Minitron does; distillation then recovers
+            scores = hidden.hidden_scores(student, fam, calibration, forward_kwargs=kind.forward_kwargs())
+            hidden.slice_hidden(student, fam, hidden.keep_channels(scores, cfg.hidden))
+        removed = _drop_at_start(student, fam, cfg, calibration, kind)
+        geo = prunable.Geometry.of(student.config)
+        cfg = prunable.targets(cfg, student, fam, geo)
+        callbacks = Platon(student, cfg, fam, geo, calibration, kind.forward_kwargs())
+        # Before anything is pruned the student equals the teacher and the loss (so every gradient) is 0:
+        # dropout during the warm-up gives PLATON a loss to measure sensitivity on (the paper fine-tunes
+        # with dropout on throughout).
+        settings = cfg.settings(dropout_steps=callbacks.t_i)
         stats = train(student, teacher, kind, tokens, settings, cfg.loss_weights(pooling), c.workdir, c.key,
                       c.console, callbacks, resume=c.resume, label="homodistil")
         (c.workdir / "checkpoint.pt").unlink(missing_ok=True)

@@ -117,15 +117,11 @@ def _calibration(tokenizer, data, cfg: PruneStructured) -> dict[str, torch.Tenso
 
 def _drop_layers(model, tokenizer, data, kind, cfg: PruneStructured, fam: prunable.Family) -> list[int]:
     """Depth pruning in place (cfg.layers); the removed layers' original indices."""
-    remove = depth.removal_count(model.config.num_hidden_layers, cfg.layers)
-    if not remove:
+    if not depth.removal_count(model.config.num_hidden_layers, cfg.layers):
         return []
     model.eval()
-    drop = depth.choose(model, fam, _calibration(tokenizer, data, cfg), remove, cfg.layer_importance,
-                        forward_kwargs=kind.forward_kwargs())
-    original = depth.kept_layers(model.config)
-    depth.drop_layers(model, fam, drop)
-    return [original[i] for i in drop]
+    return depth.prune(model, fam, _calibration(tokenizer, data, cfg), cfg.layers, cfg.layer_importance,
+                       kind.forward_kwargs())
 
 
 def _narrow(model, tokenizer, data, kind, cfg: PruneStructured, fam: prunable.Family) -> dict:

@@ -139,11 +139,10 @@ class Proxy:
     def pruned(self, shape: Shape) -> nn.Module:
         m = copy.deepcopy(self.model)
         geo = prunable.Geometry.of(m.config)
-        keep = prunable.keep_count(geo.layers, shape.layers)
-        order = sorted(range(geo.layers), key=lambda i: (float(self.influence[i]), i))
-        kept = sorted(set(range(geo.layers)) - set(order[: geo.layers - keep]))
-        if keep < geo.layers:
-            depth.drop_layers(m, self.fam, sorted(order[: geo.layers - keep]))
+        drop = depth.lowest(self.influence, depth.removal_count(geo.layers, shape.layers))
+        kept = [i for i in range(geo.layers) if i not in drop]
+        if drop:
+            depth.drop_layers(m, self.fam, drop)
         masks = prunable.top_masks([self.heads[i] for i in kept], [self.ffn[i] for i in kept],
                                    prunable.keep_count(geo.kv_heads, shape.heads), prunable.keep_count(geo.ffn, shape.ffn))
         prunable.slice_model(m, self.fam, prunable.Geometry.of(m.config), masks)

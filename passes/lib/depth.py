@@ -94,10 +94,28 @@ def choose(model: nn.Module, fam: prunable.Family, data: dict[str, torch.Tensor]
         return list(range(start, start + remove))
     if how not in IMPORTANCE:
         raise ValueError(f"layer importance must be one of {IMPORTANCE} (got {how!r})")
-    bi = span_distances(model, fam, data, 1, batch_size, forward_kwargs, angular=how == "angular")
-    candidates = list(range(n)) if among is None else sorted(among)
-    ranked = sorted(candidates, key=lambda i: (float(bi[i]), i))
-    return sorted(ranked[:remove])
+    distances = span_distances(model, fam, data, 1, batch_size, forward_kwargs, angular=how == "angular")
+    return lowest(distances, remove, among)
+
+
+def lowest(distances: torch.Tensor, remove: int, among: list[int] | None = None) -> list[int]:
+    """Indices (ascending) of the `remove` layers of lowest per-layer distance among `among` (default
+    all), ties to the lower index."""
+    candidates = range(len(distances)) if among is None else among
+    return sorted(sorted(candidates, key=lambda i: (float(distances[i]), i))[:remove])
+
+
+def prune(model: nn.Module, fam: prunable.Family, data: dict[str, torch.Tensor], fraction: float, how: str,
+          forward_kwargs: dict | None = None) -> list[int]:
+    """One-shot depth pruning in place: `fraction` of the layers, chosen by `how` on `data`, removed;
+    returns their original indices (config.kept_layers), empty when none go."""
+    remove = removal_count(model.config.num_hidden_layers, fraction)
+    if not remove:
+        return []
+    drop = choose(model, fam, data, remove, how, forward_kwargs=forward_kwargs)
+    original = kept_layers(model.config)
+    drop_layers(model, fam, drop)
+    return [original[i] for i in drop]
 
 
 def kept_layers(config: Any) -> list[int]:

@@ -294,8 +294,8 @@ def tokenized(tokenizer: Any, texts: list[str], max_length: int, windows: bool =
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt",
                     return_overflowing_tokens=True)
-    ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
-    whole = torch.tensor([True] + [a != b for a, b in zip(enc["overflow_to_sample_mapping"].tolist(),
-                                                          enc["overflow_to_sample_mapping"].tolist()[1:])])
-    keep = (mask.sum(1) >= 8) | whole  # a text's first window always stays, however short the text
+    ids, mask, text = enc["input_ids"].long(), enc["attention_mask"].long(), enc["overflow_to_sample_mapping"]
+    first = torch.ones_like(text, dtype=torch.bool)
+    first[1:] = text[1:] != text[:-1]
+    keep = (mask.sum(1) >= 8) | first  # a text's first window always stays, however short the text
     return {"input_ids": ids[keep], "attention_mask": mask[keep]}
