@@ -1,4 +1,4 @@
-"""The `compress` command line: run, passes, validate, profile, decode, generate.
+"""The `compress` command line: run, search, passes, validate, profile, decode, generate.
 
 Every user mistake (unknown pass, bad parameter, wrong order, missing or corrupt model, existing
 output) prints one message and exits with code 2; a pass that fails while running exits with 1
@@ -147,6 +147,60 @@ def run(
              trust_remote_code=trust_remote_code, tokenizer=tokenizer, console=console, measure=measure)
 
 
+@app.command()
+@friendly
+def search(
+    model: Optional[str] = typer.Argument(None, help="transformers folder, .onnx file, or built-in alias (default: minilm, or the recipe's)"),
+    outdir: Path = typer.Option(..., "--output", "-o", help="output directory (must not exist unless --overwrite or --resume)"),
+    objectives: List[str] = typer.Option([], "--objective", "-O", help="metric to optimise: cosine, unseen, top1, kl, lee50, polarity, ppl, latency, size, params, memory; max:NAME / min:NAME to say which way (repeatable: a Pareto search)"),
+    constraints: List[str] = typer.Option([], "--constraint", "-c", help="bound on a metric: latency<=0.5x (ratio to the reference), latency<=4ms, size<=15MB, params<=10M, memory<=300MB, cosine>=0.95 (repeatable)"),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", min=1, max=100_000, help="trials in the study (default 20, or the recipe's); --resume with a larger N adds trials"),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", "-r", help="YAML search recipe: model, data, objectives, constraints, space, trials, reference, seed, pruner, profiler"),
+    space_file: Optional[Path] = typer.Option(None, "--space", help="YAML list of the passes to search over (default: the built-in space for the model kind)"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="as for `compress run`: a text file, .jsonl, built-in corpus (wiki, lee, mix) or image folder"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="recipe whose model latency ratios (0.5x) are relative to (default: export.onnx, optimize.ort, quant.int8)"),
+    profiler: Optional[str] = typer.Option(None, "--profiler", help="command that takes an ONNX path as its last argument and prints milliseconds (e.g. a script that runs it on a phone); default: onnxruntime on this machine"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (e.g. postgresql://host/db) so several machines add trials to one study; default: study.db in the output folder"),
+    study: Optional[str] = typer.Option(None, "--study", help="study name in --storage (default compress-search)"),
+    pruner: Optional[str] = typer.Option(None, "--pruner", help="halving (default): only the best third of the untrained proxies go on to train; median; none"),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="sampler seed"),
+    resume: bool = typer.Option(False, "--resume", help="continue the study in the output folder (an interrupted search, or a finished one with more --trials)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory that compress wrote"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, max=8192, help="tokens per evaluation sample (default 128)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show every trial's pipeline as it runs"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the model folder"),
+) -> None:
+    """Find the best pipeline for a budget: Optuna trials over pruning, distillation and quantization,
+    each measured; writes the chosen model (as `compress run` does), search.md / search.png / search.json."""
+    from compress import recipe as recipe_mod
+    from compress.search import Search
+
+    quiet_libraries()
+    if recipe_file is not None:
+        job = Search.from_recipe(recipe_file)
+    else:
+        job = Search(source="command line")
+    overrides: dict = {}
+    if space_file is not None:
+        doc = recipe_mod.load_space(space_file)
+        overrides["space"] = doc
+    if objectives:
+        overrides["objectives"] = objectives
+    if constraints:
+        overrides["constraints"] = constraints
+    if reference is not None:
+        ref = recipe_mod.read_recipe(reference)
+        overrides["reference"] = ref["passes"]
+    for key, value in (("trials", trials), ("pruner", pruner), ("seed", seed), ("profiler", profiler)):
+        if value is not None:
+            overrides[key] = value
+    if overrides:
+        job = job.replaced(**overrides)
+    job.verbose = verbose
+    job.run(model, data, outdir, overwrite=overwrite, resume=resume, storage=storage, study_name=study,
+            max_length=max_length, console=console, trust_remote_code=trust_remote_code)
+
+
 @app.command("passes")
 @friendly
 def list_passes(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
@@ -225,7 +279,7 @@ def profile(
 
     from compress import models
     from compress.data import load
-    from compress.profiling import LatencySettings, profile_file, real_feed, thread_cap
+    from compress.profiling import LatencySettings, profile_file, real_feed
 
     quiet_libraries()
     settings = LatencySettings(batch, seq, threads, warmup, runs, prompt_tokens=prompt_tokens, new_tokens=new_tokens)

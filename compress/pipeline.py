@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, 
     return problems
 
 
+# a stage record's measurements (replaced when a cached stage is measured again with other settings)
+MEASURED = ("form", "params", "bytes", "fidelity", "fidelity_unseen", "metrics", "latency_ms", "measure_seconds")
 MAX_LENGTH_RANGE = (8, 8192)  # tokens per evaluation sample; the CLI's --max-length has the same bounds
 
 
@@ -113,8 +115,12 @@ class Pipeline:
     def run(self, model: Any = None, data: Any = None, outdir: str | Path = "compressed", *, overwrite: bool = False,
             resume: bool = False, max_length: int = 128, latency: LatencySettings | None = None, tasks: bool = True,
             tokenizer: Any = None, trust_remote_code: bool = False, console: Console | None = None,
-            measure: str | MeasureSettings | None = None) -> Result:
-        """`measure`: full (default), quick or off (compress/measure.py); a recipe's `measure:` otherwise."""
+            measure: str | MeasureSettings | None = None, stages_dir: Path | None = None, summary: bool = True) -> Result:
+        """`measure`: full (default), quick or off (compress/measure.py); a recipe's `measure:` otherwise.
+
+        `stages_dir`: a stage folder shared by several runs (`compress search`'s trials), each stage
+        kept under its key there, so runs whose pass lists share a prefix share its work; by default
+        the stages live in this run's own work folder. `summary`: print the final table."""
         ms = MeasureSettings.of(measure if measure is not None else self.measure)
         console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 160)
         _check_max_length(max_length)  # as the CLI's --max-length, before anything is written
@@ -132,60 +138,83 @@ class Pipeline:
         if not resume:  # nothing is written before this point
             outputs.clear(work)
         outputs.mark(work, "run")
-        (work / "stages").mkdir(parents=True, exist_ok=True)
-        common = {"data": text.fingerprint(), "max_length": max_length, "latency": settings.as_dict(), "tasks": tasks,
-                  "tokenizer": str(tokenizer), "measure": ms.as_dict()}
+        if stages_dir is None:
+            (work / "stages").mkdir(parents=True, exist_ok=True)
+        # what makes the stages' models (their cache key) apart from how they are measured: a stage found
+        # with other measurement settings is measured again, not rebuilt (a search's quick trials, then
+        # the chosen pipeline measured in full, share every model)
+        making = {"data": text.fingerprint(), "max_length": max_length, "latency": settings.as_dict(),
+                  "tokenizer": str(tokenizer)}
+        measuring = {"tasks": tasks, "measure": ms.as_dict()}
         if measures_unseen(state) and ms.unseen_texts():  # its text is the running Python's language reference
-            common["unseen"] = data_mod.fingerprint_texts(ms.unseen_texts())
-        key = _hash({"input": stages.identity(model, info), **common, "trust_remote_code": trust_remote_code})
+            measuring["unseen"] = data_mod.fingerprint_texts(ms.unseen_texts())
+        key = _hash({"input": stages.identity(model, info), **making, "trust_remote_code": trust_remote_code})
         with console.status("hashing the input for the measurement cache"):
             digest = refcache.content_hash(model, info) if refcache.cache_dir() is not None else None
-        how = _Measuring(settings, max_length, tasks, ms, refcache.key({"input": digest, **common}) if digest else None)
-        state = self._run_stages(state, key, work, how, console, resume)
+        how = _Measuring(settings, max_length, tasks, ms,
+                         refcache.key({"input": digest, **making, **measuring}) if digest else None, _hash(measuring))
+        state = self._run_stages(state, key, work, how, console, resume, stages_dir)
         rep = self._finish(state, work, settings, data_spec, ms)
         outputs.publish(work, outdir)
-        console.print(report.summary_table(rep))
-        console.print(f"[green]done[/green]: {outdir}/ ({rep['final']['path']}, report.md, report.json, report.png)")
+        if summary:
+            console.print(report.summary_table(rep))
+            console.print(f"[green]done[/green]: {outdir}/ ({rep['final']['path']}, report.md, report.json, report.png)")
         return Result(outdir, rep, state)
 
     def _run_stages(self, state: ModelState, key: str, work: Path, how: _Measuring, console: Console,
-                    resume: bool) -> ModelState:
+                    resume: bool, shared: Path | None = None) -> ModelState:
         settings, max_length = how.latency, how.max_length
         ref = None
         n = len(self.configs)
         for index, cfg in enumerate([None, *self.configs]):
             name = "input" if cfg is None else cfg.pass_name
             key = key if cfg is None else _hash({"prev": key, "config": cfg.to_dict()})
-            sdir = work / "stages" / f"{index:02d}-{name}"
+            sdir = shared / f"{index:02d}-{name}-{key}" if shared else work / "stages" / f"{index:02d}-{name}"
             cached = stages.load_cached(sdir, key, state)
-            if cached is not None:
+            if cached is not None and cached.history[-1].get("measured") == how.measured:
                 state = cached
-                console.print(f"[dim][{index}/{n}] {name}: cached, resumed[/dim]")
+                console.print(f"[dim][{index}/{n}] {name}: cached, {'shared with an earlier run' if shared else 'resumed'}[/dim]")
                 continue
-            stages.prepare(sdir, key, keep=resume)  # on resume, an interrupted pass finds its checkpoint
-            ctx = PassContext(sdir, index, max_length, settings, console, key=key, resume=resume)
+            if cached is not None:  # the same model, measured with other settings: measure it again
+                console.print(f"[dim][{index}/{n}] {name}: cached; measuring it with this run's settings[/dim]")
+                state = replace(cached, history=cached.history[:-1])
+                old = cached.history[-1]
+                rec, ref = self._measure_stage(state, cfg, index, ref, how, console)
+                rec = {**{k: v for k, v in old.items() if k not in MEASURED}, **rec, "measured": how.measured}
+                state = stages.save(state.with_record(rec), sdir, key, write_model=False)
+                console.print("    " + stages.one_line(rec))
+                continue
+            # on resume, an interrupted pass finds its checkpoint (a shared folder is named by its key: always kept)
+            stages.prepare(sdir, key, keep=resume or shared is not None)
+            ctx = PassContext(sdir, index, max_length, settings, console, key=key, resume=resume or shared is not None)
             t0 = time.perf_counter()
             if cfg is not None:
                 console.print(f"[bold][{index}/{n}] {cfg.describe()}[/bold]")
                 state = _run_one(state, cfg, ctx)
             seconds = time.perf_counter() - t0
-            t_measure = time.perf_counter()
-            try:
-                if cfg is None:
-                    rec, ref = _measure_input(state, how, console)
-                else:  # (on resume the input stage came from its folder: the teacher's outputs are built here)
-                    ref = ref or Reference.build(state, max_length, how.ms)
-                    rec = _measure_or_inherit(state, cfg, ref, how, console, f"stage {index} ({name})")
-            except UserError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a graph the pass wrote that does not run: name the stage
-                raise PassFailed(index, name, exc, during=" when its output was measured") from exc
+            rec, ref = self._measure_stage(state, cfg, index, ref, how, console)
             rec = {"index": index, "name": name, "config": cfg.to_dict() if cfg else None, **rec,
-                   "seconds": round(seconds, 3), "measure_seconds": round(time.perf_counter() - t_measure, 3),
-                   **ctx.notes}
+                   "seconds": round(seconds, 3), "measured": how.measured, **ctx.notes}
             state = stages.save(state.with_record(rec), sdir, key)
             console.print("    " + stages.one_line(rec))
         return state
+
+    @staticmethod
+    def _measure_stage(state: ModelState, cfg: PassConfig | None, index: int, ref: Reference | None,
+                       how: _Measuring, console: Console) -> tuple[dict, Reference]:
+        name = "input" if cfg is None else cfg.pass_name
+        t0 = time.perf_counter()
+        try:
+            if cfg is None:
+                rec, ref = _measure_input(state, how, console)
+            else:  # (on resume the input stage came from its folder: the teacher's outputs are built here)
+                ref = ref or Reference.build(state, how.max_length, how.ms)
+                rec = _measure_or_inherit(state, cfg, ref, how, console, f"stage {index} ({name})")
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a graph the pass wrote that does not run: name the stage
+            raise PassFailed(index, name, exc, during=" when its output was measured") from exc
+        return {**rec, "measure_seconds": round(time.perf_counter() - t0, 3)}, ref
 
     def _finish(self, state: ModelState, work: Path, settings: LatencySettings, data_spec: Any,
                 ms: MeasureSettings) -> dict:
@@ -230,6 +259,7 @@ class _Measuring:
     tasks: bool
     ms: MeasureSettings
     cache_key: str | None  # the input's measurements in the reference cache (refcache.py); None: not cached
+    measured: str = ""  # hash of the measurement settings, kept in each stage record
 
 
 def _measure_input(state: ModelState, how: _Measuring, console: Console) -> tuple[dict, Reference]:

@@ -266,6 +266,32 @@ def read_recipe(path: str | Path) -> dict:
             "passes": [*problems, *fields["passes"]]}
 
 
+def load_search_recipe(path: Path) -> dict:
+    """A `compress search` recipe (a YAML mapping; compress/search.py checks its keys), read with the
+    same limits as a pipeline recipe."""
+    try:
+        doc = load_yaml(_recipe_text(path))
+    except ValueError as exc:
+        raise ConfigError([str(exc)], str(path)) from None
+    if not isinstance(doc, dict):
+        raise ConfigError([f"a search recipe is a mapping (objectives, constraints, space, ...), got {short(doc)}"], str(path))
+    return doc
+
+
+def load_space(path: Path) -> list:
+    """A search space file: a YAML list of passes, or a search recipe whose `space` is one."""
+    try:
+        doc = load_yaml(_recipe_text(path))
+    except ValueError as exc:
+        raise ConfigError([str(exc)], str(path)) from None
+    if isinstance(doc, dict) and "space" in doc:
+        doc = doc["space"]
+    if not isinstance(doc, list):
+        raise ConfigError([f"a search space is a list of passes (or a mapping with a 'space' list), got {short(doc)}"],
+                          str(path))
+    return doc
+
+
 def dump_recipe(configs: list[PassConfig], model: str | None = None, data: str | None = None,
                 measure: str | None = None) -> str:
     doc: dict[str, Any] = {}

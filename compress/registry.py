@@ -68,6 +68,10 @@ class PassSpec:
     # a heading several passes share because they describe one thing (quant.weight_only and quant.int4): their
     # stages' lines (`report` then returns no heading) are gathered under it once, after the per-stage sections
     report_group: str | None = None
+    # proxy(config) -> the cheap stand-in `compress search` runs first to time and rank a candidate before paying for
+    # this pass (a config that leaves the same architecture without training, or None: skip it); None: the pass is
+    # cheap and runs as it is
+    proxy: Callable[[PassConfig], PassConfig | None] | None = None
 
     def changes(self, cfg: PassConfig) -> bool:
         return self.changes_model(cfg) if callable(self.changes_model) else self.changes_model

@@ -43,9 +43,10 @@ def prepare(sdir: Path, key: str, keep: bool) -> None:
     marker.write_text(key)
 
 
-def save(state: ModelState, sdir: Path, key: str) -> ModelState:
-    """Persist the stage: torch models via save_pretrained, file forms already live in sdir."""
-    if state.form == "torch" and state.history[-1]["index"] > 0:
+def save(state: ModelState, sdir: Path, key: str, write_model: bool = True) -> ModelState:
+    """Persist the stage: torch models via save_pretrained, file forms already live in sdir.
+    `write_model=False`: the model is there already (a cached stage measured again)."""
+    if state.form == "torch" and state.history[-1]["index"] > 0 and write_model:
         save_torch(state, sdir / "model")
     elif state.form != "torch" and state.hf_config is not None:
         state.hf_config.to_json_file(sdir / "config.json")

@@ -138,5 +138,5 @@ def run(state: ModelState, cfg: DistillKD, ctx: PassContext) -> ModelState:
 
 
 PASS = PassSpec(name="distill.kd", config=DistillKD, run=run, takes=("torch",), gives="torch", kinds=ALL_KINDS,
-                needs_data=lambda cfg: True, check=_check,
+                needs_data=lambda cfg: True, check=_check, proxy=lambda cfg: None,  # a search ranks candidates untrained
                 summary="Knowledge-distillation recovery training against the input model (KD, TAID, self-data).")

@@ -21,9 +21,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from compress.config import PassConfig
 from compress.context import PassContext
 from compress.passes.lib import bare, budget, depth, hidden, prunable
-from compress.passes.lib.trainer import Callbacks, TrainSettings, tokenized, train
+from compress.passes.lib.trainer import Callbacks, tokenized, train
 from compress.passes.lib.training import TrainingFields
 from compress.registry import PassSpec
 from compress.state import ModelState
@@ -245,8 +246,18 @@ def run(state: ModelState, cfg: HomoDistil, ctx: PassContext) -> ModelState:
     return state.with_torch(student)
 
 
+def proxy(cfg: HomoDistil) -> PassConfig:
+    """The stand-in `compress search` times and ranks first: the same targets cut in one shot by
+    prune.structured (activation importance, layers by the same measure), no training. It leaves the
+    architecture this pass would, so its latency and size are this pass's."""
+    from compress.passes.prune_structured import PruneStructured
+
+    return PruneStructured(heads=cfg.heads, ffn=cfg.ffn, layers=cfg.layers, layer_importance=cfg.layer_importance,
+                           hidden=cfg.hidden, params=cfg.params, latency=cfg.latency, importance="activation")
+
+
 PASS = PassSpec(name="prune.homodistil", config=HomoDistil, run=run, takes=("torch",), gives="torch",
-                needs_data=lambda cfg: True,
+                needs_data=lambda cfg: True, proxy=proxy,
                 check=lambda cfg, info: prunable.check_supported(info) + prunable.budget_problems(cfg) + budget.problems(cfg)
                 + (hidden.check_kind(info.kind) if cfg.hidden else []),
                 summary="Iterative structured pruning of heads and FFN neurons while distilling from the input model (HomoDistil).")
