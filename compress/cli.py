@@ -167,6 +167,7 @@ def search(
     resume: bool = typer.Option(False, "--resume", help="continue the study in the output folder (an interrupted search, or a finished one with more --trials)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory that compress wrote"),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=8, max=8192, help="tokens per evaluation sample (default 128)"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.1, help="start no new trial after this many minutes (the running one finishes); --resume continues"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show every trial's pipeline as it runs"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the model folder"),
 ) -> None:
@@ -198,7 +199,7 @@ def search(
         job = job.replaced(**overrides)
     job.verbose = verbose
     job.run(model, data, outdir, overwrite=overwrite, resume=resume, storage=storage, study_name=study,
-            max_length=max_length, console=console, trust_remote_code=trust_remote_code)
+            max_length=max_length, console=console, trust_remote_code=trust_remote_code, max_minutes=max_minutes)
 
 
 @app.command("passes")

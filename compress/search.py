@@ -190,7 +190,8 @@ class Search:
     def run(self, model: Any = None, data: Any = None, outdir: str | Path = "search", *, trials: int | None = None,
             overwrite: bool = False, resume: bool = False, storage: str | None = None, study_name: str | None = None,
             max_length: int | None = None, latency: LatencySettings | None = None, console: Console | None = None,
-            trust_remote_code: bool = False) -> SearchResult:
+            trust_remote_code: bool = False, max_minutes: float | None = None) -> SearchResult:
+        """`max_minutes`: start no trial after this long (the running one finishes); None: no limit."""
         console = console or Console(stderr=True)
         model = model if model is not None else self.model
         data = data if data is not None else self.data
@@ -209,8 +210,7 @@ class Search:
             outputs.mark(work, "search")
             shutil.copy2(outdir / "study.db", work / "study.db")
         outputs.mark(work, "search")
-        run = _Runner(self, space, model, data, work, max_length, settings, console, trust_remote_code)
-        run.kind = info.kind.name
+        run = _Runner(self, space, model, data, work, max_length, settings, console, trust_remote_code, info.kind)
         t0 = time.time()
         run.prepare()
         study = run.study(storage, study_name, resume)
@@ -219,7 +219,12 @@ class Search:
             console.print(f"[bold]search[/bold]: {trials - done} more trial(s) to reach {trials} "
                           f"({done} already in the study); objectives {', '.join(o.text for o in self.objectives)}; "
                           f"constraints {', '.join(c.text for c in self.constraints) or 'none'}")
+        deadline = t0 + max_minutes * 60 if max_minutes else None
         while _finished(study) < trials:
+            if deadline is not None and time.time() > deadline:
+                console.print(f"time limit: {max_minutes:g} minutes reached after {_finished(study)} trials; "
+                              "no new trial starts (--resume continues the study)")
+                break
             study.optimize(run.objective, n_trials=1, catch=(TrialFailed,))
         doc = run.document(study, time.time() - t0)
         chosen = next((t for t in doc["trials"] if t["number"] == doc["chosen"]), None)
@@ -318,13 +323,17 @@ class _Runner:
     """One search's state while it runs: the reference, the timer, the study, the trials."""
 
     def __init__(self, search: Search, space: Space, model: Any, data: Any, work: Path, max_length: int,
-                 settings: LatencySettings, console: Console, trust_remote_code: bool):
+                 settings: LatencySettings, console: Console, trust_remote_code: bool, kind: Any):
         self.s, self.space, self.model, self.data, self.work = search, space, model, data, work
         self.max_length, self.settings, self.console, self.trust = max_length, settings, console, trust_remote_code
         used = {o.metric for o in search.objectives} | {c.metric for c in search.constraints}
         self.tasks = any(m in TASK_METRICS for m in used)
         self.memory = "memory_mb" in used
-        self.kind = ""
+        # held-out fidelity: always where the teacher's outputs are kept (cheap); for causal LMs (the teacher
+        # runs again on every batch) only when a goal names it
+        self.fidelity = any(m in ("cosine", "top1", "kl", "unseen") for m in used)
+        self.kind = kind.name
+        self.fidelity = self.fidelity or kind.cache_reference
         self.verbose = search.verbose
         self.ref: Reference | None = None
         self.timer: _Timer | None = None
@@ -356,7 +365,7 @@ class _Runner:
     def metrics(self, state: Any) -> dict:
         """The final model's measurements (full held-out fidelity, task metrics if a goal needs them,
         size, parameters, latency against the reference, peak memory if a goal needs it)."""
-        level = MeasureSettings("full", latency=False, tasks="full" if self.tasks else "off")
+        level = MeasureSettings("full", latency=False, tasks="full" if self.tasks else "off", fidelity=self.fidelity)
         rec = measure(state, self.ref, self.max_length, None, tasks=self.tasks, ms=level)
         out: dict[str, Any] = {}
         fid, unseen = rec.get("fidelity") or {}, rec.get("fidelity_unseen") or {}

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("compress", "passes", "exporters", "examples", "benchmarks", "tests")
 SOURCE_SUFFIXES = (".py", ".toml", ".yaml", ".yml")
-GENERATED = {"report.md"}  # written by every run into its output folder, never part of the repository
+GENERATED = {"report.md", "search.md"}  # written by every run / search into its output folder, never part of the repository
 OUTSIDE = "shared" + "/"  # a folder beside the repository: material for its authors, not for users
 PAGES = ("docs/architecture.md", "docs/methods.md", "docs/data.md", "docs/install.md")
 

@@ -274,3 +274,17 @@ def test_a_training_pass_names_its_untrained_stand_in():
     assert (stand_in.heads, stand_in.ffn, stand_in.layers, stand_in.importance) == (0.25, 0.5, 0.5, "activation")
     assert registry.get("distill.kd").proxy(None) is None  # recovery training: left out of the proxy
     assert registry.get("quant.int8").proxy is None  # cheap passes run as they are
+
+
+def test_latency_through_the_users_profiler_command(bert4, text_file, tmp_path):
+    from compress.search import Search
+
+    probe = f"{sys.executable} {ROOT / 'examples' / 'search' / 'profiler.py'} --runs 5 --seq 16"
+    result = Search(SPACE[2:], ["cosine"], ["latency<=3x"], trials=2, profiler=probe).run(
+        str(bert4), str(text_file), tmp_path / "s", **_fast())
+    assert "profiler command" in result.doc["latency"]["how"]
+    for t in result.doc["trials"]:
+        assert t["metrics"]["latency_ms"] > 0 and t["metrics"]["latency"] > 0
+    with pytest.raises(UserError, match="must print milliseconds"):
+        Search(SPACE[2:], ["cosine"], trials=1, profiler=f"{sys.executable} -c pass").run(
+            str(bert4), str(text_file), tmp_path / "t", **_fast())
