@@ -407,6 +407,7 @@ class _Runner:
 
     def study(self, storage: str | None, name: str | None, resume: bool) -> Any:
         import optuna
+        from sqlalchemy.exc import SQLAlchemyError
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():  # multivariate and group are marked experimental
@@ -419,9 +420,15 @@ class _Runner:
                   else optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
         url = storage or f"sqlite:///{(self.work / 'study.db').resolve()}"
         try:
-            study = optuna.create_study(storage=url, study_name=name or "compress-search", load_if_exists=True,
+            # a shared study: a worker that dies stops beating, and its trial is failed and run again by another
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                where = url if storage is None else optuna.storages.RDBStorage(
+                    url, heartbeat_interval=60, grace_period=600,
+                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+            study = optuna.create_study(storage=where, study_name=name or "compress-search", load_if_exists=True,
                                         directions=[o.direction for o in self.s.objectives], sampler=sampler, pruner=pruner)
-        except ValueError as exc:  # directions differ from the stored study's
+        except (ValueError, ImportError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:  # a bad URL
             raise UserError(f"the study '{name or 'compress-search'}' in {short(url, 80)} cannot be used: {clip(exc, 200)}") from None
         spec = {"space": self.space.as_list(), "objectives": [o.text for o in self.s.objectives],
                 "constraints": [c.text for c in self.s.constraints], "reference": self.s.reference,

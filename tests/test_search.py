@@ -288,3 +288,11 @@ def test_latency_through_the_users_profiler_command(bert4, text_file, tmp_path):
     with pytest.raises(UserError, match="must print milliseconds"):
         Search(SPACE[2:], ["cosine"], trials=1, profiler=f"{sys.executable} -c pass").run(
             str(bert4), str(text_file), tmp_path / "t", **_fast())
+
+
+def test_a_storage_url_that_cannot_be_used_is_one_clear_error(bert4, text_file, tmp_path):
+    from compress.search import Search
+
+    with pytest.raises(UserError, match="cannot be used"):
+        Search(SPACE[2:], ["cosine"], trials=1).run(str(bert4), str(text_file), tmp_path / "s",
+                                                    storage="nosuchdb://host/x", **_fast())
