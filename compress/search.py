@@ -425,7 +425,7 @@ class _Runner:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 where = url if storage is None else optuna.storages.RDBStorage(
                     url, heartbeat_interval=60, grace_period=600,
-                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
             study = optuna.create_study(storage=where, study_name=name or "compress-search", load_if_exists=True,
                                         directions=[o.direction for o in self.s.objectives], sampler=sampler, pruner=pruner)
         except (ValueError, ImportError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:  # a bad URL
