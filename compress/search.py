@@ -535,13 +535,19 @@ class _Runner:
         trial.set_user_attr("constraints", slack)
         checked = [(c, s) for c, s in zip(self.s.constraints, slack) if only is None or c.metric in only]
         broken = [c.text for c, s in checked if s > 0]
-        met = "meets every constraint" if not any(s > 0 for s in slack) else f"misses {', '.join(c.text for c, s in zip(self.s.constraints, slack) if s > 0)}"
+        measured = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
         if only is not None and not broken:
+            self.console.print(f"trial {trial.number} (proxy, untrained): {measured}: within the "
+                               f"{'budget' if checked else 'space'} [{time.time() - t0:.0f} s]")
             return None
         if missing and stage == "trained":
             raise TrialFailed(f"the final model has no {', '.join(missing)} measurement (is it the right kind of model?)")
+        over = [c.text for c, s in zip(self.s.constraints, slack) if s > 0]
+        met = f"misses {', '.join(over)}" if over else "meets every constraint"
+        if only is not None:
+            met += ": not trained"
         self.console.print(f"trial {trial.number} ({stage}{', untrained' if only is not None else ''}): "
-                           f"{', '.join(f'{k} {_fmt(v)}' for k, v in metrics.items())}: {met} [{time.time() - t0:.0f} s]")
+                           f"{measured}: {met} [{time.time() - t0:.0f} s]")
         for c, value in zip(self.s.constraints, slack):  # what the sampler learns feasibility from
             trial.set_constraint(c.text, value)
         values = [metrics.get(o.metric) for o in self.s.objectives]
