@@ -409,7 +409,7 @@ class _Runner:
         import optuna
         from sqlalchemy.exc import SQLAlchemyError
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported by objective() in one line
         with warnings.catch_warnings():  # multivariate and group are marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(  # constraints: Trial.set_constraint in _finish_stage

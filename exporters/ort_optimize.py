@@ -2,11 +2,13 @@
 
 BERT-family encoders go through onnxruntime's transformer optimizer (model_type="bert"), which
 fuses embeddings + LayerNorm, Attention, SkipLayerNorm and GELU into single kernels; the head
-count comes from the model config, so pruned models fuse too. Other models get onnxruntime's
+count and the attention width (heads x head size) come from the model config, so head-pruned
+models fuse too (before 2026-11-29 they silently did not: no Attention fusion after head pruning). Other models get onnxruntime's
 offline extended graph optimisations. When to use: after export.onnx, before quantization (the
 int8 pass quantizes the fused Attention op as a whole)."""
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import Field
@@ -45,10 +47,21 @@ def _fuse_bert(src, dst, hf_config, cfg: OptimizeOrt) -> dict:
 
     heads = getattr(hf_config, "num_attention_heads", 0) if hf_config is not None else 0
     hidden = getattr(hf_config, "hidden_size", 0) if hf_config is not None else 0
+    # the fusion's hidden_size is the attention width (heads x head size), which head pruning makes smaller than
+    # the model's hidden size (the pruned config keeps the head size as attention_head_size)
+    size = getattr(hf_config, "attention_head_size", None) if hf_config is not None else None
+    if heads and size:
+        hidden = heads * size
     options = FusionOptions("bert")
     options.enable_gelu_approximation = cfg.gelu_approximation
-    opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=cfg.opt_level,
-                         optimization_options=options)
+    fusion_log = logging.getLogger("onnxruntime.transformers.fusion_attention")
+    level = fusion_log.level
+    fusion_log.setLevel(logging.ERROR)  # it warns that the attention width is not the q/k/v input width: by design here
+    try:
+        opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=cfg.opt_level,
+                             optimization_options=options)
+    finally:
+        fusion_log.setLevel(level)
     opt.save_model_to_file(str(dst))
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
 
