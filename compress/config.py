@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
-Form = Literal["torch", "onnx", "ort"]
+Form = Literal["torch", "onnx", "ort", "pte"]  # pte: an ExecuTorch program (export.executorch)
 
 
 def _power_of_two(v: int) -> int:

@@ -54,7 +54,7 @@ def onnx_params(path: Path) -> int | None:
     parameters, and a MatMulNBits weight counts K*N however it is packed."""
     import onnx
 
-    if path.suffix == ".ort":
+    if path.suffix != ".onnx":  # .ort / .pte: not readable as a graph (the pipeline keeps the previous count)
         return None
     model = onnx.load(str(path), load_external_data=False)
     packed: dict[str, int] = {}
@@ -172,6 +172,8 @@ def latency(state: ModelState, settings: profiling.LatencySettings) -> dict[str,
     feed = state.kind.inputs.latency_feed(state.tokenizer, texts, settings.batch, settings.seq)
     if state.form == "torch":
         return profiling.time_torch(state.model, feed, settings)
+    if state.form == "pte":
+        return profiling.time_call(runtime.PteRunner(state.path, state.kind, threads=settings.threads).bound(feed), settings)
     sess = runtime.session(state.path, settings.threads)
     out = profiling.time_onnx(state.path, state.kind, feed, settings, sess=sess)
     ids = state.kind.profile_prompt(state.tokenizer, texts, settings.prompt_tokens)

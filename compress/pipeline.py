@@ -43,8 +43,10 @@ def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, 
             continue
         spec = registry.spec_for(cfg)
         if form is not None and form not in spec.takes:
-            fix = ("torch passes must come before export.onnx" if "torch" in spec.takes
-                   else "add export.onnx before it" if form == "torch" else "ONNX passes must come before export.ort")
+            fix = ("torch passes must come before export.onnx (or export.executorch)" if "torch" in spec.takes
+                   else "add export.onnx before it" if form == "torch"
+                   else "export.executorch ends the pipeline: nothing runs on a .pte file after it" if form == "pte"
+                   else "ONNX passes must come before export.ort")
             problems.append(f"passes[{i}] '{spec.name}' takes the {' or '.join(spec.takes)} form "
                             f"but gets the {form} form here: {fix}")
         if info.kind not in spec.kinds:

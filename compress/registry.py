@@ -24,6 +24,7 @@ _MODULES: dict[str, str] = {
     "export.onnx": "compress.exporters.onnx_export",
     "optimize.ort": "compress.exporters.ort_optimize",
     "export.ort": "compress.exporters.ort_mobile",
+    "export.executorch": "compress.exporters.executorch_export",
     "quant.int8": "compress.passes.quant_int8",
     "quant.int4": "compress.passes.quant_int4",
     "quant.riq": "compress.passes.riq",

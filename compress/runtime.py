@@ -3,9 +3,10 @@ compress/kinds/, says what: `torch_output` / `onnx_output`):
 encoder -> sentence embeddings (batch, hidden), L2-normalised;
 classifier -> logits (batch, labels); causal-lm -> logits (batch, seq, vocab);
 image-classifier -> logits (batch, classes) of `pixel_values` (batch, 3, H, W) (compress/images.py).
-Evaluation, parity checks and profiling all go through these runners, so torch and ONNX stages
-are measured the same way. A causal LM graph with a KV cache (export.onnx cache=true) is fed an
-empty past, (batch, kv_heads, 0, head_dim), so a whole text is one prompt step."""
+Evaluation, parity checks and profiling all go through these runners, so torch, ONNX and ExecuTorch
+(`.pte`, export.executorch) stages are measured the same way. A causal LM graph with a KV cache
+(export.onnx cache=true) is fed an empty past, (batch, kv_heads, 0, head_dim), so a whole text is
+one prompt step."""
 from __future__ import annotations
 
 import json
@@ -163,6 +164,53 @@ class OnnxRunner:
         return self.kind.onnx_output(self.raw(feed), feed, self.pooling)
 
 
+class PteRunner:
+    """An ExecuTorch program (`.pte`, export.executorch) run by ExecuTorch's own runtime, imported here
+    only (compress runs without it). Its inputs in export.executorch's order, `pixel_values` or
+    `input_ids`, `attention_mask`; its outputs named as export.onnx names them (`kind.onnx_outputs`).
+    The program's memory is planned for its largest batch and length (the sizes its inputs declare):
+    a larger batch runs in slices, a longer input is refused. `threads`: the XNNPACK thread pool,
+    which ExecuTorch keeps for the whole process."""
+
+    def __init__(self, path: Path, kind: str | ModelKind, pooling: str = "mean", threads: int | None = None):
+        from executorch.runtime import Runtime
+
+        if threads:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads)  # "unsafe" while a method runs on it: none does here
+        self.path, self.kind, self.pooling = Path(path), kinds.get(kind), pooling
+        self.method = Runtime.get().load_program(self.path).load_method("forward")
+        meta = self.method.metadata
+        self.limits = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]  # upper bounds
+        self.outputs = list(self.kind.onnx_outputs)
+
+    def args(self, feed: dict[str, np.ndarray]) -> tuple:
+        import torch
+
+        names = ("pixel_values",) if "pixel_values" in feed else ("input_ids", "attention_mask")
+        args = tuple(torch.from_numpy(np.ascontiguousarray(feed[name])) for name in names)
+        for name, arg, limit in zip(names, args, self.limits):
+            if any(got > most for got, most in zip(arg.shape[1:], limit[1:])):
+                raise ValueError(f"{self.path.name} takes {name} of at most {list(limit[1:])} after the batch axis, "
+                                 f"got {list(arg.shape[1:])}: export it again with a larger export.executorch "
+                                 "max_sequence")
+        return args
+
+    def bound(self, feed: dict[str, np.ndarray]) -> Any:
+        """One call of the program on this feed, inputs made once (what latency times)."""
+        args = self.args(feed)
+        return lambda: self.method.execute(args)
+
+    def raw(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args, step = self.args(feed), self.limits[0][0]
+        parts = [self.method.execute(tuple(a[i: i + step] for a in args)) for i in range(0, len(args[0]), step)]
+        return {name: np.concatenate([part[j].numpy() for part in parts]) for j, name in enumerate(self.outputs)}
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.kind.onnx_output(self.raw(feed), feed, self.pooling)
+
+
 def runner(state: Any, which: str = "model", threads: int | None = None) -> Any:
     """A runner for the state's current model (`which="model"`) or its teacher."""
     pooling = state.meta.get("pooling", "mean")
@@ -173,4 +221,6 @@ def runner(state: Any, which: str = "model", threads: int | None = None) -> Any:
         return TorchRunner(target, state.kind, pooling)
     if state.form == "torch":
         return TorchRunner(state.model, state.kind, pooling)
+    if state.form == "pte":
+        return PteRunner(state.path, state.kind, pooling, threads)
     return OnnxRunner(state.path, state.kind, pooling, threads)

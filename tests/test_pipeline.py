@@ -26,10 +26,13 @@ def _ops(path) -> set[str]:
 
 
 MODEL_FOR = {"prune.experts": "tiny_mixtral"}  # passes that need another architecture than BERT
+OPTIONAL = {"export.executorch": "executorch"}  # passes whose dependency is an optional extra: skipped without it
 
 
 @pytest.mark.parametrize("name", registry.names())
 def test_pipeline_every_registered_pass_runs_on_a_tiny_model(name, text_file, tmp_path, fast, request):
+    if name in OPTIONAL:
+        pytest.importorskip(OPTIONAL[name])
     model = request.getfixturevalue(MODEL_FOR.get(name, "tiny_bert"))
     form = registry.get(name).takes[0]
     before = [p for p in PREFIX[form] if p != name] + REQUIRES.get(name, [])
