@@ -54,14 +54,18 @@ def _fuse_bert(src, dst, hf_config, cfg: OptimizeOrt) -> dict:
         hidden = heads * size
     options = FusionOptions("bert")
     options.enable_gelu_approximation = cfg.gelu_approximation
-    fusion_log = logging.getLogger("onnxruntime.transformers.fusion_attention")
-    level = fusion_log.level
-    fusion_log.setLevel(logging.ERROR)  # it warns that the attention width is not the q/k/v input width: by design here
+    # it warns that the attention width is not the q/k/v input width: by design after head or hidden pruning
+    # (onnxruntime's transformers modules log under their bare module names)
+    logs = [logging.getLogger(name) for name in ("fusion_attention", "onnxruntime.transformers.fusion_attention")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=cfg.opt_level,
                              optimization_options=options)
     finally:
-        fusion_log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
     opt.save_model_to_file(str(dst))
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
 
