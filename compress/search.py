@@ -290,10 +290,13 @@ class _Timer:
         if self.profiler:
             ref_ms, ms = self._command(self.reference), self._command(path)
         else:
-            from compress.runtime import OnnxRunner
+            from compress.runtime import OnnxRunner, PteRunner
 
             runs = {}
             for name, p in (("reference", self.reference), ("model", path)):
+                if p.suffix == ".pte":  # an ExecuTorch program (export.executorch), run by its own runtime
+                    runs[name] = PteRunner(p, self.kind, threads=self.settings.threads).bound(self.feed)
+                    continue
                 runner = OnnxRunner(p, self.kind, threads=self.settings.threads)
                 inputs = runner.feed(self.feed)
                 runs[name] = (lambda sess=runner.sess, inputs=inputs: sess.run(None, inputs))
