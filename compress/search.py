@@ -493,7 +493,8 @@ class _Runner:
                                            "that went on to train)[/dim]")
                         raise optuna.TrialPruned()
             state = self.pipeline(configs, folder / "model", what=f"trial {trial.number}: {label}").state
-            return self._finish_stage(trial, self.metrics(state), "trained", t0)
+            # "trained": its training passes ran; "full": a pass list without training, run once
+            return self._finish_stage(trial, self.metrics(state), "full" if proxy is None else "trained", t0)
         except (PassFailed, UserError) as exc:
             trial.set_user_attr("error", clip(str(exc), 500))
             self.console.print(f"[red]trial {trial.number} failed[/red]: {short(str(exc), 200)}")
@@ -543,7 +544,7 @@ class _Runner:
             self.console.print(f"trial {trial.number} (proxy, untrained): {measured}: within the "
                                f"{'budget' if checked else 'space'} [{time.time() - t0:.0f} s]")
             return None
-        if missing and stage == "trained":
+        if missing and stage != "proxy":
             raise TrialFailed(f"the final model has no {', '.join(missing)} measurement (is it the right kind of model?)")
         over = [c.text for c, s in zip(self.s.constraints, slack) if s > 0]
         met = f"misses {', '.join(over)}" if over else "meets every constraint"
@@ -575,7 +576,7 @@ class _Runner:
                            "params": t.params, "metrics": attrs.get("metrics") or {}, "feasible": feasible,
                            "violations": violations, "seconds": attrs.get("seconds"), "error": attrs.get("error"),
                            "same_as": attrs.get("same_as")})
-        good = [t for t in trials if t["state"] == "complete" and t["feasible"] and t["stage"] == "trained"
+        good = [t for t in trials if t["state"] == "complete" and t["feasible"] and t["stage"] != "proxy"
                 and t["same_as"] is None]
         # the front over the objectives and the constrained metrics (what a tighter budget would cost)
         axes = [*self.s.objectives, *(Objective(c.metric, "minimize" if c.op in ("<=", "<") else "maximize")

@@ -1,5 +1,5 @@
 """Human-readable views of a `compress search` run: search.md and search.png, from the search.json dict
-(objectives, constraints, reference, Optuna trials with state, stage "proxy" / "trained", recipe, metrics and
+(objectives, constraints, reference, Optuna trials with state, stage "proxy" / "trained" / "full", recipe, metrics and
 violations, the Pareto front and the chosen trial; written by compress/search.py). search.md says what was searched,
 how the trials ended, the front (best first objective first) and why the chosen trial won, or which trial came
 closest when none met every constraint; search.png plots the first objective against the constrained metric (else
@@ -117,8 +117,10 @@ def _header(doc: dict) -> list[str]:
     counts = {s: sum(t.get("state") == s for t in trials) for s in dict.fromkeys([*STATES, *(t.get("state") for t in trials)])}
     states = ", ".join(f"{n} {STATE_WORDS.get(s, s)}" for s, n in counts.items() if n)
     proxy = sum(t.get("stage") == "proxy" for t in trials)
+    trained = sum(t.get("stage") == "trained" for t in trials)
     lines.append(f"- **Trials**: {len(trials)} in {fmt(doc.get('seconds'), '.1f')} s: {states or 'none'}; "
-                 f"{proxy} stopped at the proxy stage (no training), {len(trials) - proxy} trained")
+                 f"{proxy} stopped at the proxy stage (no training), {trained} trained, "
+                 f"{sum(t.get('stage') == 'full' for t in trials)} without training passes")
     return lines + [""]
 
 
