@@ -187,8 +187,9 @@ class Pipeline:
                 console.print("    " + stages.one_line(rec))
                 continue
             # on resume, an interrupted pass finds its checkpoint (a shared folder is named by its key: always kept)
-            stages.prepare(sdir, key, keep=resume or shared is not None)
-            ctx = PassContext(sdir, index, max_length, settings, console, key=key, resume=resume or shared is not None)
+            keep = resume or shared is not None
+            stages.prepare(sdir, key, keep=keep)
+            ctx = PassContext(sdir, index, max_length, settings, console, key=key, resume=keep)
             t0 = time.perf_counter()
             if cfg is not None:
                 console.print(f"[bold][{index}/{n}] {cfg.describe()}[/bold]")

@@ -93,6 +93,14 @@ def _total_violation(trial: dict) -> float:
     return sum(v for v in (trial.get("violations") or {}).values() if is_num(v) and v > 0)
 
 
+def closest(trials: list[dict]) -> dict | None:
+    """The finished trial nearest to meeting every constraint (least total violation, then the lowest
+    number); a pruned trial's violations come from its untrained proxy, so it does not count. None: no
+    finished trial missed a constraint."""
+    over = [t for t in trials if t.get("state") in ("complete", "infeasible") and t.get("violations")]
+    return min(over, key=lambda t: (_total_violation(t), t.get("number", 0)), default=None)
+
+
 def _violations(trial: dict) -> str:
     return "; ".join(f"{text} +{fmt(v, '.3g')}" for text, v in (trial.get("violations") or {}).items()) or DASH
 
@@ -160,10 +168,9 @@ def _no_feasible(trials: list[dict], constrained: bool) -> str:
     """Say that no trial met the constraints and name the closest one (least total violation)."""
     if not constrained:
         return "No trial completed, so there is no Pareto front."
-    over = [t for t in trials if t.get("violations")]
-    if not over:
+    best = closest(trials)
+    if best is None:
         return "No trial met every constraint, and none was measured far enough to say which came closest."
-    best = min(over, key=lambda t: (_total_violation(t), t.get("number", 0)))
     return (f"No trial met every constraint. Closest: trial {best.get('number', '?')} "
             f"(`{recipe_short(best.get('recipe'))}`), total violation {fmt(_total_violation(best), '.3g')}: "
             f"{_violations(best)}.")

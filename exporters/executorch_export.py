@@ -91,24 +91,12 @@ def _args(feed: dict) -> tuple:
 
 def _entry(state: ModelState) -> Any:
     """What the program computes: export.onnx's traced forward for token inputs; the module itself for pixels."""
-    import torch
+    from compress.exporters.onnx_export import forward_wrapper
 
-    model, kind, pooling = state.model.eval(), state.kind, state.meta.get("pooling", "mean")
-    if not kind.inputs.uses_tokenizer:
+    model = state.model.eval()
+    if not state.kind.inputs.uses_tokenizer:
         return model
-
-    class Tokens(torch.nn.Module):
-        """forward(input_ids, attention_mask) -> the kind's onnx_outputs (transformers 5 models can't be traced
-        directly)."""
-
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return kind.export_forward(self.model, input_ids, attention_mask, pooling)
-
-    return Tokens().eval()
+    return forward_wrapper(model, state.kind, state.meta.get("pooling", "mean"))
 
 
 def _max_sequence(state: ModelState, cfg: ExportExecutorch, ctx: PassContext) -> int:

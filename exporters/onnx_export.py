@@ -40,11 +40,12 @@ class ExportOnnx(PassConfig):
         "causal LMs: past_key_values inputs / present outputs for generation; ignored for encoders"))
 
 
-def _wrapper(model, kind: ModelKind, pooling: str):
+def forward_wrapper(model, kind: ModelKind, pooling: str):
     import torch
 
     class Wrapper(torch.nn.Module):
-        """Explicit forward(input_ids, attention_mask): transformers 5 models can't be traced directly."""
+        """Explicit forward(input_ids, attention_mask) -> the kind's onnx_outputs: transformers 5 models can't be
+        traced directly (export.executorch exports the same module)."""
 
         def __init__(self):
             super().__init__()
@@ -152,7 +153,7 @@ def export_tokens(state: ModelState, cfg: ExportOnnx, ctx: PassContext, cache: b
 
             path, rows = causal_lm.export(model, state.tokenizer, texts, cfg, ctx.workdir, ctx.max_length)
         else:
-            wrapper = _wrapper(model, state.kind, state.meta.get("pooling", "mean"))
+            wrapper = forward_wrapper(model, state.kind, state.meta.get("pooling", "mean"))
             feeds = state.kind.inputs.parity_feeds(state.tokenizer, texts, ctx.max_length)
             path = ctx.workdir / "model.onnx"
             _export(wrapper, feeds[0], path, state.kind, cfg)
