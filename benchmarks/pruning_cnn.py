@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     feed = real_feed(None, data.eval, 1, 1)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle sessions' threads would spin (runtime.session)
     sessions = {n: ort.InferenceSession(str(r["onnx"]), so, providers=["CPUExecutionProvider"]) for n, r in rows.items()}
     timing = time_interleaved({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()},
                               LatencySettings(batch=1, seq=1, threads=args.threads, warmup=10, runs=args.runs))
