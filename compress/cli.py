@@ -339,11 +339,13 @@ def generate_text(
     seed: int = typer.Option(0, "--seed", help="sampling: random seed (same seed, same text)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=256, help="intra-op threads (default: onnxruntime's; at most 4 per CPU core are used)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder or alias, for a model without one beside it"),
+    raw: bool = typer.Option(False, "--raw", help="send the prompt as is, not as a user turn of the tokenizer's chat template"),
 ) -> None:
-    """Generate text with onnxruntime: prompt step, then one token per step through the KV cache."""
+    """Generate text with onnxruntime: prompt step, then one token per step through the KV cache. The prompt is
+    sent as a user turn of the tokenizer's chat template when it has one (--raw: as is)."""
     from compress import models
     from compress.errors import ModelLoadError
-    from compress.generate import generate
+    from compress.generate import generate, uses_chat
 
     quiet_libraries()
     path = _onnx_file(model)
@@ -356,12 +358,13 @@ def generate_text(
         threads = min(threads, thread_cap())
     try:
         result = generate(path, tok, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, threads=threads)
+                          top_k=top_k, top_p=top_p, seed=seed, threads=threads, chat=not raw)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; anything else is raised again
         raise _cannot_run(exc, path, tok, f"{max_new_tokens} new tokens after this prompt") from None
     typer.echo(result.text)
+    how = "chat template" if uses_chat(tok, not raw) else "raw prompt"
     console.print(f"TTFT {result.ttft_s * 1000:.1f} ms, {result.decode_tokens_per_s:.1f} tokens/s, "
-                  f"{result.num_tokens} tokens ({result.prompt_tokens} in the prompt; stopped by {result.stop_reason})",
+                  f"{result.num_tokens} tokens ({result.prompt_tokens} in the prompt, {how}; stopped by {result.stop_reason})",
                   highlight=False)
 
 

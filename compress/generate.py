@@ -114,10 +114,22 @@ def context_limit(path: Path | None, sess: Any, max_context: int | None) -> int 
     return min(found) if found else None
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> np.ndarray:
+def uses_chat(tokenizer: Any, chat: bool) -> bool:
+    """Whether the prompt goes through the tokenizer's chat template (asked for, and the tokenizer has one)."""
+    return bool(chat and getattr(tokenizer, "chat_template", None))
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, chat: bool = False) -> np.ndarray:
+    """Token ids of the prompt; with `chat`, as one user turn of the tokenizer's chat template, ending with the
+    assistant's turn opened (an instruct model sent the bare text may answer with its end token at once)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f"the prompt is empty (got {prompt!r}): give some text to continue")
-    ids = np.asarray(tokenizer(prompt)["input_ids"], dtype=np.int64)
+    if uses_chat(tokenizer, chat):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = np.asarray(out["input_ids"] if hasattr(out, "keys") else out, dtype=np.int64).reshape(-1)
+    else:
+        ids = np.asarray(tokenizer(prompt)["input_ids"], dtype=np.int64)
     if ids.size == 0:
         raise UserError(f"the prompt {prompt!r} gives no tokens with this tokenizer: give other text")
     return ids[None]  # (1, prompt_tokens)
@@ -172,14 +184,15 @@ def decode_tokens(step: CacheStepper, ids: np.ndarray, max_new_tokens: int, pick
 def generate(session_or_path: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: Iterable[int] | None = None, threads: int | None = None,
-             max_context: int | None = None) -> GenerateResult:
+             max_context: int | None = None, chat: bool = True) -> GenerateResult:
     """Continue `prompt` with up to `max_new_tokens` tokens; stop early at a stop token (default: the
-    tokenizer's eos; [] never stops early). `session_or_path`: an onnxruntime session or a graph file."""
+    tokenizer's eos; [] never stops early). `session_or_path`: an onnxruntime session or a graph file.
+    `chat`: send the prompt as a user turn of the tokenizer's chat template when it has one (False: as is)."""
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     sampling.check()
     sess, path = _open(session_or_path, threads)
     specs = _cache_specs(sess)
-    ids = _prompt_ids(tokenizer, prompt)
+    ids = _prompt_ids(tokenizer, prompt, chat)
     _check_length(ids.shape[1], max_new_tokens, context_limit(path, sess, max_context))
     stops, rng = _stops(tokenizer, stop_tokens), np.random.default_rng(seed)
     tokens, ttft, decode_s = decode_tokens(CacheStepper(sess, specs), ids, max_new_tokens,

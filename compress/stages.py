@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from compress.exporters import genai
 from compress.profiling import external_files
 from compress.state import ModelState
 
@@ -132,6 +133,8 @@ def write_final(state: ModelState, work: Path) -> str:
     copy_model_file(Path(state.path), work / name)
     if state.tokenizer is not None:  # so `compress run OUT/model.onnx` and users find the tokenizer
         state.tokenizer.save_pretrained(work)
+    if state.form == "onnx" and state.kind.name == "causal-lm":  # onnxruntime_genai.Model(OUT) loads the folder
+        genai.write(work, name, state.hf_config, state.tokenizer)
     return name
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from compress.config import PassConfig
+from compress.errors import UserError
 from compress.context import PassContext
 from compress import kinds
 from compress.exporters import parity
@@ -29,8 +30,11 @@ from compress.state import ModelState
 class ExportOnnx(PassConfig):
     pass_name = "export.onnx"
     opset: int = Field(17, ge=14, le=21, description="ONNX opset version")
-    exporter: Literal["legacy", "dynamo"] = Field(
-        "legacy", description="legacy: TorchScript exporter (lets ORT fuse BERT attention); dynamo: torch.export based")
+    exporter: Literal["legacy", "dynamo", "genai"] = Field(
+        "legacy", description=(
+            "legacy: TorchScript exporter (lets ORT fuse BERT attention); dynamo: torch.export based; genai: causal LMs "
+            "with a cache, the graph of onnxruntime-genai's model builder (fused GroupQueryAttention, rotary and "
+            "skip-norms, shared KV buffer: the fastest to decode; pip install 'compress[genai]')"))
     atol: float = Field(1e-3, gt=0, le=1.0, description="max absolute difference allowed against PyTorch")
     rtol: float = Field(5e-4, ge=0, le=0.1, description=(
         "tolerance added per unit of the largest |output|: LM logits reach ~30 and fp32 reordering over 30 layers "
@@ -114,6 +118,9 @@ def export_pixels(state: ModelState, cfg: ExportOnnx, ctx: PassContext) -> Model
     """An image classifier: pixel_values -> logits, checked against the module on held-out images."""
     from compress.runtime import OnnxRunner, TorchRunner
 
+    if cfg.exporter == "genai":
+        raise UserError("export.onnx exporter=genai builds causal LMs with a KV cache only; this is an image "
+                        "classifier: use exporter=legacy")
     model = state.model.eval()
     feeds = state.kind.inputs.parity_feeds(None, state.data.eval, ctx.max_length)
     path = ctx.workdir / "model.onnx"
@@ -148,10 +155,18 @@ def export_tokens(state: ModelState, cfg: ExportOnnx, ctx: PassContext, cache: b
         model.set_experts_implementation("batched_mm")
     texts = state.data.eval if state.data else []
     try:
-        if cache:
+        if cache and cfg.exporter == "genai":
+            from compress.exporters import genai_builder
+
+            path, rows = genai_builder.export(model, state.tokenizer, texts, cfg, ctx.workdir, ctx.max_length)
+        elif cache:
             from compress.exporters import causal_lm
 
             path, rows = causal_lm.export(model, state.tokenizer, texts, cfg, ctx.workdir, ctx.max_length)
+        elif cfg.exporter == "genai":
+            raise UserError("export.onnx exporter=genai builds causal LMs with a KV cache only (cache=true); "
+                            f"this is a {state.kind.name} model{' exported without a cache' if state.kind.name == 'causal-lm' else ''}: "
+                            "use exporter=legacy")
         else:
             wrapper = forward_wrapper(model, state.kind, state.meta.get("pooling", "mean"))
             feeds = state.kind.inputs.parity_feeds(state.tokenizer, texts, ctx.max_length)

@@ -77,6 +77,19 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama16(tmp_path_factory) -> Path:
+    """tiny_llama with a head size of 16, GroupQueryAttention's smallest (export.onnx exporter=genai): hidden 64."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      architectures=["LlamaForCausalLM"], pad_token_id=0)
+    return _save(LlamaForCausalLM(cfg), tmp_path_factory.mktemp("tiny_llama16"))
+
+
+@pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory) -> Path:
     """Mixtral MoE: 8 experts per layer, top-2 routing, GQA attention."""
     import torch

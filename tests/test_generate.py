@@ -208,6 +208,34 @@ def test_cli_generate_prints_text_and_speed(exported, hf):
     assert expected in result.output and "tokens/s" in result.output and "TTFT" in result.output
 
 
+CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_prompt_goes_through_the_chat_template_unless_raw(exported, hf, tmp_path):
+    """An instruct model sent the bare prompt may answer with its end token at once: the tokenizer's chat
+    template wraps it by default (the CLI too); --raw / chat=False send it as is."""
+    tok = hf[1]
+    tok.save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(CHAT)
+    from transformers import AutoTokenizer
+
+    chat_tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    wrapped = chat_tok(f"<user> {PROMPT} <assistant>")["input_ids"]  # what the template makes, tokenized by hand
+    chat = generate(exported[0], chat_tok, PROMPT, max_new_tokens=2, stop_tokens=[])
+    raw = generate(exported[0], chat_tok, PROMPT, max_new_tokens=2, stop_tokens=[], chat=False)
+    assert raw.prompt_tokens == len(tok(PROMPT)["input_ids"]) < chat.prompt_tokens
+    assert chat.prompt_tokens == len(wrapped) - 2  # the template text, without the tokenizer's own [CLS] and [SEP]
+    plain = generate(exported[0], tok, PROMPT, max_new_tokens=2, stop_tokens=[])  # no template: sent as is
+    assert plain.prompt_tokens == raw.prompt_tokens
+
+    for args, how in (([], "chat template"), (["--raw"], "raw prompt")):
+        result = CliRunner().invoke(app, ["generate", str(exported[0]), PROMPT, "--max-new-tokens", "2",
+                                          "--tokenizer", str(tmp_path / "tok"), *args])
+        assert result.exit_code == 0, result.output
+        assert how in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["  "], "the prompt is empty"),
     ([PROMPT, "--max-new-tokens", "300"], "longer than the model's context of 256"),

@@ -1,0 +1,120 @@
+"""export.onnx exporter=genai: a causal LM's KV-cache graph written by onnxruntime-genai's own model
+builder (`onnxruntime_genai.models.builder`, from the optional extra `compress[genai]`), the graph the
+runtime is fastest with: GroupQueryAttention with the rotary embedding inside and a KV buffer shared
+between past and present, SkipSimplifiedLayerNormalization, one MatMul for q/k/v. The builder reads a
+transformers folder, so the (possibly pruned) model is saved to one first; it writes fp32 here, and
+later passes quantize the graph like any other (quant.int4).
+
+The graph is then made ours: the tied embedding stored once (the builder's `shared_embeddings=false`
+gives two float copies; causal_lm.share_tied_embedding keeps one), the cache's head size a number
+instead of the builder's symbolic `kv_cache_dim` (compress's runtime builds the empty past from it),
+the context length stamped, and one file.
+
+Parity against transformers' forward with a cache: the held-out prompts (batches, right-padded) and
+steps with 0, 1 and 7 past tokens and 1 or 6 new ones at batch 1. GroupQueryAttention takes more than
+one new token after a past only at batch 1, and left padding not at all (onnxruntime-genai pads on
+the right), so the batch-2 left-padded steps of the compress graph's check are not run. Its head size
+must be a multiple of 16."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from compress.errors import UserError
+
+BUILT = "builder"  # the builder's output folder, inside the pass's workdir
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def _build(src: Path, out: Path) -> None:
+    """onnxruntime-genai's builder at fp32 for the CPU, quietly (it prints a progress line per tensor)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: nothing is fetched
+    import onnxruntime_genai.models  # noqa: F401 - puts the builder's own modules on sys.path
+    from onnxruntime_genai.models import builder
+
+    cache = out.parent / "builder-cache"
+    options = ["shared_embeddings=false"]  # two float copies; share_tied_embedding keeps one
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            kw = builder.parse_extra_options(None, str(src), str(out), "fp32", "cpu", str(cache), options)
+            builder.create_model(None, str(src), str(out), "fp32", "cpu", str(cache), **kw)
+    except NotImplementedError as exc:
+        raise UserError(f"onnxruntime-genai's builder does not support this model: {exc}; "
+                        "use export.onnx exporter=legacy (compress's own KV-cache graph)") from None
+
+
+def _fixed_head_size(model: Any, head_dim: int) -> None:
+    """The builder leaves the cache's last axis symbolic (`kv_cache_dim`); it is the head size."""
+    for value in [*model.graph.input, *model.graph.output]:
+        if re.match(r"^(past_key_values|present)\.\d+\.(key|value)$", value.name):
+            dim = value.type.tensor_type.shape.dim[3]
+            if not dim.HasField("dim_value"):
+                dim.ClearField("dim_param")
+                dim.dim_value = head_dim
+
+
+def parity_feeds(model: Any, layout: Any, tokenizer: Any, texts: list[str], max_length: int) -> list[dict]:
+    """compress's cache-graph feeds without what GroupQueryAttention can't take (see the module docstring)."""
+    from compress.exporters import causal_lm
+    from compress.runtime import is_past
+
+    def fits(feed: dict) -> bool:
+        if feed["input_ids"].shape[0] == 1:
+            return True
+        no_past = all(value.shape[2] == 0 for name, value in feed.items() if is_past(name))
+        return no_past and bool(feed["attention_mask"][:, 0].all())  # a prompt batch, padded on the right
+
+    return [feed for feed in causal_lm.parity_feeds(model, layout, tokenizer, texts, max_length) if fits(feed)]
+
+
+def export(model: Any, tokenizer: Any, texts: list[str], cfg: Any, workdir: Path, max_length: int) -> tuple[Path, list[dict]]:
+    """Build the graph into workdir/model.onnx and check it; returns (path, parity rows)."""
+    import onnx
+
+    from compress.exporters import causal_lm, parity
+    from compress.runtime import OnnxRunner
+
+    if not available():
+        raise UserError("export.onnx exporter=genai needs onnxruntime-genai: pip install 'compress[genai]' "
+                        "(or use exporter=legacy)")
+    if tokenizer is None:
+        raise UserError("export.onnx exporter=genai needs the model's tokenizer (the builder reads it): give --tokenizer")
+    layout = causal_lm.layout_of(model)
+    if layout.head_dim % 16:
+        raise UserError(f"export.onnx exporter=genai: onnxruntime's GroupQueryAttention needs a head size that is a "
+                        f"multiple of 16; this model's is {layout.head_dim}: use exporter=legacy")
+    src = workdir / "hf"
+    model.config.head_dim = layout.head_dim  # the builder divides hidden by heads otherwise (wrong after head pruning)
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    _build(src, workdir / BUILT)
+    graph = onnx.load(str(workdir / BUILT / "model.onnx"))  # its weights are in model.onnx.data beside it
+    _fixed_head_size(graph, layout.head_dim)
+    causal_lm.stamp_context(graph, model.config)
+    causal_lm.share_tied_embedding(graph)
+    path = workdir / "model.onnx"
+    onnx.save(graph, str(path))
+    for folder in (src, workdir / BUILT):
+        _remove(folder)
+    feeds = parity_feeds(model, layout, tokenizer, texts, max_length)
+    rows = parity.check("export.onnx (onnxruntime-genai builder) vs transformers",
+                        causal_lm.real_tokens_only(causal_lm.reference(model, layout)),
+                        causal_lm.real_tokens_only(OnnxRunner(path, "causal-lm").raw), feeds, cfg.atol, cfg.min_cosine,
+                        cfg.rtol)
+    return path, rows
+
+
+def _remove(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
