@@ -351,9 +351,11 @@ def builtin(kind: str, prunable: bool) -> list[dict]:
     if kind == "image-classifier":
         prune = [{"pass": "prune.structured", "optional": True, "channels": [0.1, 0.25, 0.4]},
                  {"pass": "distill.kd", "when": "prune.structured", "steps": [150, 300]}] if prunable else []
-        return [*prune, {"pass": "export.onnx"}, {"pass": "optimize.ort"},
+        # static int8 calibrates the exported graph before any fusion (optimize.ort's FusedConv can't be calibrated;
+        # onnxruntime fuses the quantized graph when it loads it); float stays a candidate
+        return [*prune, {"pass": "export.onnx"},
                 {"choose": [{"pass": "quant.int8", "mode": "static", "per_channel": [True, False]},
-                            {"pass": "quant.int8", "mode": "dynamic"}]}]
+                            {"pass": "quant.int8", "mode": "dynamic"}, "none"]}]
     prune = [{"pass": "prune.structured", "optional": True, "importance": "activation", "layers": [0.0, 0.25, 0.5],
               "heads": [0.0, 0.25, 0.5], "ffn": [0.0, 0.25, 0.5]},
              {"pass": "distill.kd", "when": "prune.structured", "steps": [300, 600], "freeze_embeddings": True}] if prunable else []

@@ -296,3 +296,24 @@ def test_a_storage_url_that_cannot_be_used_is_one_clear_error(bert4, text_file, 
     with pytest.raises(UserError, match="cannot be used"):
         Search(SPACE[2:], ["cosine"], trials=1).run(str(bert4), str(text_file), tmp_path / "s",
                                                     storage="nosuchdb://host/x", **_fast())
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples" / "search").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_search_recipes_parse(path):
+    """The shipped search recipes read without problems (their models are checked when a search starts)."""
+    from compress.search import Search
+
+    search = Search.from_recipe(path)
+    assert search.model and search.objectives and search.constraints and search.space.slots
+
+
+def test_builtin_cnn_space_calibrates_static_int8_before_any_fusion():
+    """optimize.ort's FusedConv can't be calibrated: static int8 must come straight after export.onnx."""
+    from compress.search_space import builtin
+
+    space = builtin("image-classifier", prunable=True)
+    names = [slot.get("pass") if isinstance(slot, dict) else slot for slot in space]
+    assert "optimize.ort" not in names
+    choices = space[names.index("export.onnx") + 1]["choose"]
+    assert {"pass": "quant.int8", "mode": "static", "per_channel": [True, False]} in choices and "none" in choices
