@@ -276,13 +276,34 @@ def _offset_targets(graph: Any, skip: set[str], block: int) -> set[str]:
             and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT}
 
 
-def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int]:
-    """Write quant.weight_only's codes (Neural Compressor's GPTQ / AWQ / RTN choices) as MatMulNBits:
-    a MatMul whose constant weight is bit for bit a recorded layer's dequantized weight (transposed)
-    becomes a MatMulNBits with that layer's codes, scales and zero points. Returns (MatMuls
-    rewritten, recorded layers)."""
+def _digest(weight: np.ndarray) -> bytes:
     import hashlib
 
+    return hashlib.sha1(np.ascontiguousarray(weight).tobytes()).digest()
+
+
+def _recorded_parts(weight: np.ndarray, recorded: dict, widths: dict[int, list[int]]) -> list | None:
+    """The recorded layers whose (K, n) transposed weights, side by side along N, make `weight` (K, N): one
+    layer, or several an exporter fused into one MatMul (onnxruntime-genai's builder: q, k, v). None if any
+    column is not a recorded layer's."""
+    k, total = weight.shape
+    parts, start = [], 0
+    while start < total:
+        hit = next((recorded[key] for n in widths.get(k, []) if start + n <= total
+                    and (key := _digest(weight[:, start:start + n])) in recorded), None)
+        if hit is None:
+            return None
+        parts.append(hit)
+        start += hit[1].shape[0]
+    return parts
+
+
+def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int]:
+    """Write quant.weight_only's codes (Neural Compressor's GPTQ / AWQ / RTN choices) as MatMulNBits:
+    a MatMul whose constant weight is bit for bit a recorded layer's dequantized weight (transposed), or
+    several such layers side by side (a fused q/k/v), becomes a MatMulNBits with those codes, scales and
+    zero points; symmetric codes (every zero point 2^(bits-1)) leave the zero points out, MatMulNBits'
+    default and its faster kernel. Returns (recorded layers written, recorded layers)."""
     import torch
     from onnx import numpy_helper
     from safetensors.numpy import load_file
@@ -296,27 +317,32 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
             name = key[: -len(".codes")]
             codes, scales, zp = (tensors[f"{name}.{part}"] for part in ("codes", "scales", "zero_points"))
             weight = dequantize(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zp), group).numpy()
-            recorded[hashlib.sha1(np.ascontiguousarray(weight.T).tobytes()).digest()] = (name, codes, scales, zp)
+            recorded[_digest(weight.T)] = (name, codes, scales, zp)
+    widths: dict[int, list[int]] = {}
+    for _, codes, _, _ in recorded.values():
+        widths.setdefault(codes.shape[1], []).append(codes.shape[0])
+    widths = {k: sorted(set(ns), reverse=True) for k, ns in widths.items()}
     graph, done, nodes = model.graph, 0, []
     inits = {i.name: i for i in graph.initializer}
-    shapes = {tuple(c.shape[::-1]) for _, c, _, _ in recorded.values()}
     for node in graph.node:
         init = inits.get(node.input[1]) if node.op_type == "MatMul" else None
-        found = None
-        if init is not None and tuple(init.dims) in shapes:
-            found = recorded.get(hashlib.sha1(np.ascontiguousarray(numpy_helper.to_array(init)).tobytes()).digest())
-        if found is None:
+        parts = None
+        if init is not None and len(init.dims) == 2 and init.dims[0] in widths:
+            parts = _recorded_parts(numpy_helper.to_array(init), recorded, widths)
+        if parts is None:
             nodes.append(node)
             continue
-        name, codes, scales, zp = found
+        codes, scales, zp = (np.concatenate([part[i] for part in parts], axis=0) for i in (1, 2, 3))
         n, k = codes.shape
         packed, zero_points = _pack_blocks(codes, zp, bits, group)
         base = f"{node.input[1]}_Q{bits}G{group}"
-        graph.initializer.extend(numpy_helper.from_array(a, base + suffix) for a, suffix in
-                                 ((packed, ""), (scales.astype(np.float32), "_scales"), (zero_points, "_zero_points")))
-        nodes.append(_matmul_nbits([node.input[0], base, base + "_scales", base + "_zero_points"], node.output[0],
+        arrays = [(packed, ""), (scales.astype(np.float32), "_scales")]
+        if not (zp == 2 ** (bits - 1)).all():
+            arrays.append((zero_points, "_zero_points"))
+        graph.initializer.extend(numpy_helper.from_array(a, base + suffix) for a, suffix in arrays)
+        nodes.append(_matmul_nbits([node.input[0], *(base + suffix for _, suffix in arrays)], node.output[0],
                                    node.name + f"_Q{bits}", k, n, bits, group, cfg.accuracy_level))
-        done += 1
+        done += len(parts)
     graph.ClearField("node")
     graph.node.extend(nodes)
     return done, len(recorded)
@@ -347,7 +373,7 @@ def run(state: ModelState, cfg: QuantInt4, ctx: PassContext) -> ModelState:
         excluded.append(head.name)
     recorded = state.meta.get("weight_only")
     if recorded:
-        rewritten, layers = use_recorded_codes(model, recorded, cfg)
+        rewritten, layers = use_recorded_codes(model, recorded, cfg)  # layers, fused ones counted each
         if rewritten == 0:
             raise ValueError(f"none of the {layers} layers quantized by quant.weight_only were found in this graph "
                              "(a pass between them changed the weights): put quant.int4 right after export.onnx")

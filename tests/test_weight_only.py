@@ -120,3 +120,21 @@ def test_calibration_windows_are_full_and_too_little_text_is_named(tiny_llama):
     assert windows.shape == (3, 16)
     with pytest.raises(ValueError, match="fewer than one calibration window"):
         woq.calibration_windows(tok, ["too short"], samples=3, length=64)
+
+
+def test_builder_graph_gets_the_recorded_codes_with_qkv_fused_and_symmetric_blocks_without_zero_points(
+        tiny_llama16, text_file, tmp_path, fast):
+    """onnxruntime-genai's builder fuses q, k and v into one MatMul: the three recorded layers side by side
+    become one MatMulNBits; symmetric codes leave out the zero points (MatMulNBits' faster default)."""
+    pytest.importorskip("onnxruntime_genai")
+    passes = [{"pass": "quant.weight_only", "method": "rtn", "symmetric": True, **CALIBRATION},
+              {"pass": "export.onnx", "exporter": "genai"}, {"pass": "quant.int4", "lm_head": False, "accuracy_level": 1}]
+    result = _run(passes, tiny_llama16, text_file, tmp_path / "o", fast)
+
+    assert result.report["stages"][-1]["weight_only"] == {"method": "rtn", "matmuls": LINEARS, "layers": LINEARS}
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 5 and all(len(n.input) == 3 for n in nbits)  # qkv, o, gate, up, down per layer
+    top1 = result.report["stages"][-1]["fidelity"]["top1"]
+    exported = result.report["stages"][2]["fidelity"]["top1"]
+    assert top1 == pytest.approx(exported, abs=0.02)  # the same codes: the int4 graph behaves as the export did
