@@ -11,6 +11,9 @@ Models:
   builder graph + ...   export.onnx exporter=genai (the builder's graph, checked against transformers by compress),
                         then compress's quant.int4: its defaults; edge; and "tied 4-bit" (block offsets, the tied
                         matrix 4-bit and stored once, as the builder's)
+  builder graph + AWQ / GPTQ   quant.weight_only (Neural Compressor, symmetric blocks of 32, 32 windows of 128 wiki
+                        training tokens) before export.onnx exporter=genai, then quant.int4 writing those codes with the
+                        tied matrix 4-bit and shared: the builder's own format and kernels, calibrated codes
 Columns: MB on disk; perplexity on the first 40 lee_background paragraphs (256 tokens at most each); time to first
 token for a real 64-token prompt (wiki held-out) and decode tokens/s over 64 greedy new tokens, in onnxruntime
 (compress.generate's loop; sessions alternate, medians over rounds) and in onnxruntime-genai (one model loaded at a
@@ -31,6 +34,12 @@ GENAI = {"pass": "export.onnx", "exporter": "genai"}
 INT4 = {"pass": "quant.int4", "block_size": 32}
 EDGE = {**INT4, "block_offsets": True, "lm_head_bits": 8, "embeddings": True}
 TIED4 = {**INT4, "block_offsets": True, "lm_head_bits": 4, "embeddings": True}
+SHARED4 = {**INT4, "lm_head_bits": 4, "embeddings": True}  # the builder's int4 format: symmetric, tied matrix 4-bit once
+
+
+def calibrated(method: str) -> dict:
+    """quant.weight_only, symmetric (MatMulNBits' fast kernel has no zero points), on wiki training windows."""
+    return {"pass": "quant.weight_only", "method": method, "symmetric": True, "samples": 32, "max_length": 128}
 
 
 def builder_model(hf: Path, out: Path, precision: str) -> float:
@@ -58,7 +67,7 @@ def builder_model(hf: Path, out: Path, precision: str) -> float:
     return seconds
 
 
-def build(work: Path, threads: int, reuse: bool) -> tuple[dict[str, Path], dict[str, float]]:
+def build(work: Path, threads: int, reuse: bool, methods: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
     """name -> model folder (each holds model.onnx and genai_config.json), and build seconds."""
     from rich.console import Console
 
@@ -86,7 +95,8 @@ def build(work: Path, threads: int, reuse: bool) -> tuple[dict[str, Path], dict[
             "compress-edge": (ours_fp32 / "model.onnx", [EDGE], ours_fp32),
             "genai-int4": (genai_fp32 / "model.onnx", [INT4], genai_fp32),
             "genai-edge": (genai_fp32 / "model.onnx", [EDGE], genai_fp32),
-            "genai-tied4": (genai_fp32 / "model.onnx", [TIED4], genai_fp32)}
+            "genai-tied4": (genai_fp32 / "model.onnx", [TIED4], genai_fp32),
+            **{f"genai-{m}": (str(hf), [calibrated(m), GENAI, SHARED4], None) for m in methods}}
     for name, (model, passes, tokenizer) in runs.items():
         out = work / name
         if reuse and (out / "model.onnx").is_file():
@@ -99,7 +109,8 @@ def build(work: Path, threads: int, reuse: bool) -> tuple[dict[str, Path], dict[
     names = {"builder fp32": "builder-fp32", "builder int4": "builder-int4", "compress fp32": "compress-fp32",
              "compress int4 edge": "compress-edge", "builder graph fp32 (ours)": "genai-fp32",
              "builder graph + int4 (ours)": "genai-int4", "builder graph + int4 edge (ours)": "genai-edge",
-             "builder graph + int4 tied 4-bit (ours)": "genai-tied4"}
+             "builder graph + int4 tied 4-bit (ours)": "genai-tied4",
+             **{f"builder graph + {m.upper()} sym int4 (ours)": f"genai-{m}" for m in methods}}
     return {label: work / folder for label, folder in names.items()}, seconds
 
 
@@ -156,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--ppl-paragraphs", type=int, default=40)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="keep models already built in --workdir")
+    ap.add_argument("--calibrated", default="awq", help="comma-separated quant.weight_only methods for the calibrated "
+                                                         "rows (awq, gptq, rtn; '' for none): 15-20 min each here")
     args = ap.parse_args(argv)
 
     import torch
@@ -168,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-genai-"))
     work.mkdir(parents=True, exist_ok=True)
-    folders, seconds = build(work, args.threads, args.reuse)
+    methods = [m for m in args.calibrated.split(",") if m]
+    folders, seconds = build(work, args.threads, args.reuse, methods)
     tok = AutoTokenizer.from_pretrained(work / "hf")
     ids = profiling.prompt_ids(tok, data.load("wiki").eval, args.prompt_tokens)
     ort = ort_speed(folders, ids, args.threads, args.new_tokens, args.rounds)
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     console = Console(width=170)
     console.print(table)
     theirs = rows["builder int4"]
-    for name in ("builder graph + int4 (ours)", "builder graph + int4 edge (ours)", "builder graph + int4 tied 4-bit (ours)"):
+    for name in [n for n in rows if n.startswith("builder graph +")]:
         r = rows[name]
         ok = (r["og_tokens_per_s"] >= theirs["og_tokens_per_s"] and r["ppl_lee"] < theirs["ppl_lee"]
               and r["bytes"] <= theirs["bytes"])
