@@ -16,9 +16,10 @@ Models:
                         tied matrix 4-bit and shared: the builder's own format and kernels, calibrated codes
 Columns: MB on disk; perplexity on the first 40 lee_background paragraphs (256 tokens at most each); time to first
 token for a real 64-token prompt (wiki held-out) and decode tokens/s over 64 greedy new tokens, in onnxruntime
-(compress.generate's loop; sessions alternate, medians over rounds) and in onnxruntime-genai (one model loaded at a
-time, as its threads spin while idle: each round loads, warms up and times each model in turn); peak RSS of a fresh
-process generating once with onnxruntime. Threads pinned (default 2).
+(compress.generate's loop; sessions alternate, medians over rounds; compress's sessions do not spin) and in
+onnxruntime-genai (one model loaded at a time, as its threads spin while idle and the runtime has no switch for it:
+each round loads, warms up and times each model in turn; so the two runtimes' columns are not on the same terms);
+peak RSS of a fresh process generating once with onnxruntime. Threads pinned (default 2).
 
     python benchmarks/smollm2_genai.py [--threads 2] [--rounds 5] [--new-tokens 64] [--workdir DIR] [--reuse]
 """
@@ -45,24 +46,16 @@ def calibrated(method: str) -> dict:
 def builder_model(hf: Path, out: Path, precision: str) -> float:
     """onnxruntime-genai's builder with its defaults for the CPU; the cache's head size made a number (the
     builder leaves it symbolic; compress's runtime needs it: same graph). Returns the build seconds."""
-    import contextlib
-    import io
-
     import onnx
 
-    import onnxruntime_genai.models  # noqa: F401 - puts the builder's modules on sys.path
-    from onnxruntime_genai.models import builder
-
-    from compress.exporters.genai_builder import _fixed_head_size
+    from compress.exporters import genai_builder
 
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        kw = builder.parse_extra_options(None, str(hf), str(out), precision, "cpu", str(out.parent / "cache"), [])
-        builder.create_model(None, str(hf), str(out), precision, "cpu", str(out.parent / "cache"), **kw)
+    genai_builder.build(hf, out, precision)
     seconds = time.perf_counter() - t0
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     config = json.loads((out / "genai_config.json").read_text())
-    _fixed_head_size(graph, config["model"]["decoder"]["head_size"])
+    genai_builder.fixed_head_size(graph, config["model"]["decoder"]["head_size"])
     onnx.save(graph, str(out / "model.onnx"))  # the weights stay in model.onnx.data
     return seconds
 

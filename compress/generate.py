@@ -125,8 +125,12 @@ def _prompt_ids(tokenizer: Any, prompt: str, chat: bool = False) -> np.ndarray:
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f"the prompt is empty (got {prompt!r}): give some text to continue")
     if uses_chat(tokenizer, chat):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
+        try:
+            out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)
+        except Exception as exc:  # noqa: BLE001 - jinja's errors, or the template's own raise_exception
+            raise UserError(f"the tokenizer's chat template failed on this prompt ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}): send the prompt as is (--raw, or chat=False)") from None
         ids = np.asarray(out["input_ids"] if hasattr(out, "keys") else out, dtype=np.int64).reshape(-1)
     else:
         ids = np.asarray(tokenizer(prompt)["input_ids"], dtype=np.int64)

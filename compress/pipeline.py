@@ -156,7 +156,7 @@ class Pipeline:
         how = _Measuring(settings, max_length, tasks, ms,
                          refcache.key({"input": digest, **making, **measuring}) if digest else None, _hash(measuring))
         state = self._run_stages(state, key, work, how, console, resume, stages_dir)
-        rep = self._finish(state, work, settings, data_spec, ms)
+        rep = self._finish(state, work, settings, data_spec, ms, console)
         outputs.publish(work, outdir)
         if summary:
             console.print(report.summary_table(rep))
@@ -220,8 +220,8 @@ class Pipeline:
         return {**rec, "measure_seconds": round(time.perf_counter() - t0, 3)}, ref
 
     def _finish(self, state: ModelState, work: Path, settings: LatencySettings, data_spec: Any,
-                ms: MeasureSettings) -> dict:
-        final = stages.write_final(state, work)
+                ms: MeasureSettings, console: Console) -> dict:
+        final = stages.write_final(state, work, console)
         if isinstance(data_spec, images.ImageData):
             data_text = data_spec.source
         elif data_spec in (None, *data_mod.BUILTIN, *images.BUILTIN):

@@ -112,8 +112,9 @@ def session(path: Path, threads: int | None = None, profile_prefix: str | None =
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     # idle sessions' pool threads would spin and take the cores of the session being run: every comparison here
-    # holds two or more sessions (measured: a 4.4 ms pruned MiniLM timed at 8.3 ms next to an idle 14 ms one,
-    # 4.9 ms without spinning); alone, a session without spinning is a few percent slower
+    # holds two or more sessions (measured: a pruned MiniLM int8 that runs in 4.4 ms alone timed at 8.3 ms next to
+    # the idle 13 ms reference, 4.5 ms with spinning off in both); alone, a session without spinning is a few
+    # percent slower
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True

@@ -123,7 +123,7 @@ def _has_external_data(path: Path) -> bool:
     return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
 
 
-def write_final(state: ModelState, work: Path) -> str:
+def write_final(state: ModelState, work: Path, console: Any = None) -> str:
     for name, src in state.meta.get("artifacts", {}).items():  # files a pass made beside the model (model.riq)
         shutil.copy2(src, work / name)
     if state.form == "torch":
@@ -134,7 +134,11 @@ def write_final(state: ModelState, work: Path) -> str:
     if state.tokenizer is not None:  # so `compress run OUT/model.onnx` and users find the tokenizer
         state.tokenizer.save_pretrained(work)
     if state.form == "onnx" and state.kind.name == "causal-lm":  # onnxruntime_genai.Model(OUT) loads the folder
-        genai.write(work, name, state.hf_config, state.tokenizer)
+        source = Path(str(state.source)).expanduser()  # an ONNX input: the config.json beside it, if any
+        config = state.hf_config if state.hf_config is not None else source.parent / "config.json"
+        why = genai.write(work, name, config, state.tokenizer)
+        if why and console is not None:
+            console.print(f"[yellow]{why}[/yellow]")
     return name
 
 

@@ -30,7 +30,8 @@ def graph_layout(path: Path) -> dict | None:
     layers, kv_heads, head_size, vocab."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
     inputs = {i.name: i for i in graph.input}
     outputs = {o.name: o for o in graph.output}
     past = sorted((int(m.group(1)), m.group(2), name) for name in inputs if (m := PAST.match(name)))
@@ -40,9 +41,10 @@ def graph_layout(path: Path) -> dict | None:
     if len(dims) != 4 or not dims[1] or not dims[3]:
         return None
     vocab = [d.dim_value if d.HasField("dim_value") else None for d in outputs["logits"].type.tensor_type.shape.dim]
+    context = {p.key: p.value for p in model.metadata_props}.get("max_position_embeddings", "")
     return {"inputs": list(inputs), "outputs": list(outputs), "layers": past[-1][0] + 1, "kv_heads": dims[1],
-            "head_size": dims[3], "vocab": vocab[-1] if vocab else None,
-            "share_buffer": _shares_buffer(graph)}
+            "head_size": dims[3], "vocab": vocab[-1] if vocab else None, "share_buffer": _shares_buffer(graph),
+            "context": int(context) if context.isdigit() else None}
 
 
 def _shares_buffer(graph: Any) -> bool:
@@ -60,18 +62,23 @@ def _ids(value: Any) -> list[int]:
 
 def config_for(layout: dict, hf_config: dict, tokenizer: Any = None, filename: str = "model.onnx") -> dict:
     """The genai_config.json of one graph (see the module docstring)."""
+    from compress.generate import CONTEXT_KEYS
+
+    hf_config = hf_config.get("text_config") or hf_config  # multimodal configs nest the decoder's
     eos = _ids(hf_config.get("eos_token_id"))
     tok_eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(tok_eos, int) and tok_eos not in eos:
         eos = [tok_eos, *eos]
     if not eos:
-        raise UserError("this model names no end-of-sequence token (no eos_token_id in config.json or the tokenizer): "
-                        "onnxruntime-genai needs one; set eos_token_id in config.json")
+        raise UserError("no end-of-sequence token (eos_token_id) in the model's config or tokenizer")
+    heads = hf_config.get("num_attention_heads")
+    if not isinstance(heads, int):
+        raise UserError("no num_attention_heads in the model's config")
     bos = _ids(hf_config.get("bos_token_id")) or _ids(getattr(tokenizer, "bos_token_id", None)) or [eos[0]]
     pad = _ids(hf_config.get("pad_token_id")) or _ids(getattr(tokenizer, "pad_token_id", None)) or [eos[0]]
-    context = next((int(hf_config[k]) for k in ("max_position_embeddings", "n_positions")
-                    if isinstance(hf_config.get(k), int)), 2048)
-    heads = hf_config.get("num_attention_heads") or layout["kv_heads"]
+    context = next((int(hf_config[k]) for k in CONTEXT_KEYS if isinstance(hf_config.get(k), int)), layout["context"])
+    if context is None:
+        raise UserError("no context length (max_position_embeddings) in the model's config or graph")
     names = {"input_ids": "input_ids"}
     for name in ("attention_mask", "position_ids"):
         if name in layout["inputs"]:
@@ -98,19 +105,25 @@ def config_for(layout: dict, hf_config: dict, tokenizer: Any = None, filename: s
     }
 
 
-def write(folder: Path, graph: str, hf_config: Any, tokenizer: Any = None) -> bool:
-    """Write FOLDER/genai_config.json for FOLDER/GRAPH when it is a KV-cache graph; True if written.
-    `hf_config`: a transformers config or a dict (None: FOLDER/config.json, if any)."""
+def write(folder: Path, graph: str, hf_config: Any, tokenizer: Any = None) -> str | None:
+    """Write FOLDER/genai_config.json for FOLDER/GRAPH when it is a KV-cache graph. `hf_config`: a transformers
+    config, a dict, or a config.json path (None: nothing but the graph and tokenizer to go by). Returns why
+    it was not written (an optional file: the caller warns and goes on), or None."""
     layout = graph_layout(folder / graph)
     if layout is None:
-        return False
-    if hf_config is None:
-        path = folder / "config.json"
-        hf_config = json.loads(path.read_text()) if path.is_file() else {}
-    elif not isinstance(hf_config, dict):
-        hf_config = hf_config.to_dict()
-    (folder / CONFIG).write_text(json.dumps(config_for(layout, hf_config, tokenizer, graph), indent=2) + "\n")
-    return True
+        return None
+    try:
+        if isinstance(hf_config, Path):
+            hf_config = json.loads(hf_config.read_text()) if hf_config.is_file() else {}
+        elif hf_config is None:
+            hf_config = {}
+        elif not isinstance(hf_config, dict):
+            hf_config = hf_config.to_dict()
+        config = config_for(layout, hf_config, tokenizer, graph)
+    except (UserError, OSError, ValueError) as exc:
+        return f"no {CONFIG} (onnxruntime-genai needs it to load the folder): {exc}"
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return None
 
 
 def load(folder: Path, threads: int | None = None) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 from compress.errors import UserError
 
 BUILT = "builder"  # the builder's output folder, inside the pass's workdir
+LARGE = 1_800_000_000  # bytes: a graph this large keeps its weights in model.onnx.data (protobuf stops at 2 GB)
 
 
 def available() -> bool:
@@ -35,25 +36,38 @@ def available() -> bool:
     return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
-def _build(src: Path, out: Path) -> None:
-    """onnxruntime-genai's builder at fp32 for the CPU, quietly (it prints a progress line per tensor)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: nothing is fetched
+def build(src: Path, out: Path, precision: str = "fp32", options: list[str] | None = None) -> None:
+    """onnxruntime-genai's builder for the CPU on the transformers folder SRC, into OUT, quietly (it prints a
+    line per tensor); a failure is one UserError with the builder's last words."""
     import onnxruntime_genai.models  # noqa: F401 - puts the builder's own modules on sys.path
     from onnxruntime_genai.models import builder
 
-    cache = out.parent / "builder-cache"
-    options = ["shared_embeddings=false"]  # two float copies; share_tied_embedding keeps one
+    cache = out.parent / f"{out.name}-cache"
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            kw = builder.parse_extra_options(None, str(src), str(out), "fp32", "cpu", str(cache), options)
-            builder.create_model(None, str(src), str(out), "fp32", "cpu", str(cache), **kw)
-    except NotImplementedError as exc:
-        raise UserError(f"onnxruntime-genai's builder does not support this model: {exc}; "
-                        "use export.onnx exporter=legacy (compress's own KV-cache graph)") from None
+            kw = builder.parse_extra_options(None, str(src), str(out), precision, "cpu", str(cache), list(options or []))
+            builder.create_model(None, str(src), str(out), precision, "cpu", str(cache), **kw)
+    except Exception as exc:  # noqa: BLE001 - whatever the builder raises: its message and what it printed
+        said = [line for line in sink.getvalue().splitlines() if line.strip() and "it/s]" not in line][-5:]
+        tail = ("; it printed: " + " | ".join(said)) if said else ""
+        raise UserError(f"onnxruntime-genai's builder could not build this model ({type(exc).__name__}: "
+                        f"{str(exc)[:300]}){tail}; use export.onnx exporter=legacy (compress's own KV-cache graph)") from None
+    finally:
+        _remove(cache)
 
 
-def _fixed_head_size(model: Any, head_dim: int) -> None:
+def _check_inputs(graph: Any) -> None:
+    """The builder's graph takes what compress's runtime feeds (a model type with other inputs is refused)."""
+    from compress.runtime import is_past
+
+    odd = [i.name for i in graph.input if i.name not in ("input_ids", "attention_mask", "position_ids") and not is_past(i.name)]
+    if odd:
+        raise UserError(f"onnxruntime-genai's builder wrote a graph with inputs compress can't feed ({odd}); "
+                        "use export.onnx exporter=legacy")
+
+
+def fixed_head_size(model: Any, head_dim: int) -> None:
     """The builder leaves the cache's last axis symbolic (`kv_cache_dim`); it is the head size."""
     for value in [*model.graph.input, *model.graph.output]:
         if re.match(r"^(past_key_values|present)\.\d+\.(key|value)$", value.name):
@@ -93,19 +107,27 @@ def export(model: Any, tokenizer: Any, texts: list[str], cfg: Any, workdir: Path
     if layout.head_dim % 16:
         raise UserError(f"export.onnx exporter=genai: onnxruntime's GroupQueryAttention needs a head size that is a "
                         f"multiple of 16; this model's is {layout.head_dim}: use exporter=legacy")
-    src = workdir / "hf"
-    model.config.head_dim = layout.head_dim  # the builder divides hidden by heads otherwise (wrong after head pruning)
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    _build(src, workdir / BUILT)
-    graph = onnx.load(str(workdir / BUILT / "model.onnx"))  # its weights are in model.onnx.data beside it
-    _fixed_head_size(graph, layout.head_dim)
-    causal_lm.stamp_context(graph, model.config)
-    causal_lm.share_tied_embedding(graph)
-    path = workdir / "model.onnx"
-    onnx.save(graph, str(path))
-    for folder in (src, workdir / BUILT):
-        _remove(folder)
+    src, built = workdir / "hf", workdir / BUILT
+    try:
+        model.save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        config = json.loads((src / "config.json").read_text())
+        config["head_dim"] = layout.head_dim  # the builder divides hidden by heads otherwise (wrong after head pruning)
+        (src / "config.json").write_text(json.dumps(config, indent=2))
+        build(src, built)
+        graph = onnx.load(str(built / "model.onnx"))  # the weights come in from model.onnx.data
+    finally:
+        _remove(src)
+    try:
+        _check_inputs(graph.graph)
+        fixed_head_size(graph, layout.head_dim)
+        causal_lm.stamp_context(graph, model.config)
+        causal_lm.share_tied_embedding(graph)  # compares the loaded (no longer external) tensors
+        path = workdir / "model.onnx"
+        large = graph.ByteSize() > LARGE
+        onnx.save(graph, str(path), save_as_external_data=large, location="model.onnx.data" if large else None)
+    finally:
+        _remove(built)
     feeds = parity_feeds(model, layout, tokenizer, texts, max_length)
     rows = parity.check("export.onnx (onnxruntime-genai builder) vs transformers",
                         causal_lm.real_tokens_only(causal_lm.reference(model, layout)),

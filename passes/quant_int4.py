@@ -303,7 +303,7 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
     a MatMul whose constant weight is bit for bit a recorded layer's dequantized weight (transposed), or
     several such layers side by side (a fused q/k/v), becomes a MatMulNBits with those codes, scales and
     zero points; symmetric codes (every zero point 2^(bits-1)) leave the zero points out, MatMulNBits'
-    default and its faster kernel. Returns (recorded layers written, recorded layers)."""
+    default and its faster kernel. Returns (MatMulNBits written, recorded layers written, recorded layers)."""
     import torch
     from onnx import numpy_helper
     from safetensors.numpy import load_file
@@ -322,7 +322,7 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
     for _, codes, _, _ in recorded.values():
         widths.setdefault(codes.shape[1], []).append(codes.shape[0])
     widths = {k: sorted(set(ns), reverse=True) for k, ns in widths.items()}
-    graph, done, nodes = model.graph, 0, []
+    graph, done, matmuls, nodes = model.graph, 0, 0, []
     inits = {i.name: i for i in graph.initializer}
     for node in graph.node:
         init = inits.get(node.input[1]) if node.op_type == "MatMul" else None
@@ -342,10 +342,10 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
         graph.initializer.extend(numpy_helper.from_array(a, base + suffix) for a, suffix in arrays)
         nodes.append(_matmul_nbits([node.input[0], *(base + suffix for _, suffix in arrays)], node.output[0],
                                    node.name + f"_Q{bits}", k, n, bits, group, cfg.accuracy_level))
-        done += len(parts)
+        done, matmuls = done + len(parts), matmuls + 1
     graph.ClearField("node")
     graph.node.extend(nodes)
-    return done, len(recorded)
+    return matmuls, done, len(recorded)
 
 
 def _nbits(model: Any, bits: int, excluded: list[str], cfg: QuantInt4) -> Any:
@@ -373,7 +373,7 @@ def run(state: ModelState, cfg: QuantInt4, ctx: PassContext) -> ModelState:
         excluded.append(head.name)
     recorded = state.meta.get("weight_only")
     if recorded:
-        rewritten, layers = use_recorded_codes(model, recorded, cfg)  # layers, fused ones counted each
+        matmuls, rewritten, layers = use_recorded_codes(model, recorded, cfg)
         if rewritten == 0:
             raise ValueError(f"none of the {layers} layers quantized by quant.weight_only were found in this graph "
                              "(a pass between them changed the weights): put quant.int4 right after export.onnx")
@@ -381,7 +381,8 @@ def run(state: ModelState, cfg: QuantInt4, ctx: PassContext) -> ModelState:
             ctx.console.print(f"[yellow]quant.int4: {layers - rewritten} of the {layers} layers quantized by quant.weight_only "
                               "are not in this graph as they were (a pass in between changed them): they are rounded "
                               "to nearest here instead[/yellow]")
-        ctx.notes["weight_only"] = {"method": recorded["method"], "matmuls": rewritten, "layers": layers}
+        ctx.notes["weight_only"] = {"method": recorded["method"], "matmuls": matmuls, "written": rewritten,
+                                    "layers": layers}
     keep = set(excluded) | ({head.name} if head is not None else set())
     targets = _offset_targets(model.graph, keep, cfg.block_size) if cfg.block_offsets else set()
     small = quantize_with_offsets(model, targets, cfg) if targets else []
@@ -431,9 +432,11 @@ def _report(stage: dict) -> list[str]:
     w = stage.get("weight_only")
     if not w:
         return []
-    rest = "" if w["matmuls"] == w["layers"] else " (the others changed after quantization: rounded to nearest)"
-    return [f"- {stage_label(stage)}: {w['matmuls']} of the {w['layers']} layers quantized with {w['method']} written as "
-            f"MatMulNBits with their recorded codes{rest}"]
+    written = w.get("written", w["matmuls"])  # reports before fused layers were counted apart
+    rest = "" if written == w["layers"] else " (the others changed after quantization: rounded to nearest)"
+    fused = f" ({w['matmuls']} MatMulNBits: some layers fused into one MatMul)" if w["matmuls"] != written else ""
+    return [f"- {stage_label(stage)}: {written} of the {w['layers']} layers quantized with {w['method']} written as "
+            f"MatMulNBits with their recorded codes{fused}{rest}"]
 
 
 PASS = PassSpec(name="quant.int4", config=QuantInt4, run=run, takes=("onnx",), gives="onnx", check_order=_check_order,

@@ -78,14 +78,15 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama16(tmp_path_factory) -> Path:
-    """tiny_llama with a head size of 16, GroupQueryAttention's smallest (export.onnx exporter=genai): hidden 64."""
+    """tiny_llama with a head size of 16, GroupQueryAttention's smallest (export.onnx exporter=genai): hidden 64;
+    the embedding and the lm_head tied, as SmolLM2's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      architectures=["LlamaForCausalLM"], pad_token_id=0)
+                      architectures=["LlamaForCausalLM"], pad_token_id=0, tie_word_embeddings=True)
     return _save(LlamaForCausalLM(cfg), tmp_path_factory.mktemp("tiny_llama16"))
 
 

@@ -34,10 +34,12 @@ BUILDER = {"pass": "export.onnx", "exporter": "genai"}
 
 
 @pytest.fixture(scope="module")
-def outputs(tiny_llama, tiny_llama16, text_file, tmp_path_factory):
-    """Output folders of compress run: compress's cache graph (fp32, int4) and the builder's (fp32, int4)."""
+def outputs(tiny_llama, tiny_llama16, tiny_mixtral, text_file, tmp_path_factory):
+    """Output folders of compress run: compress's cache graph (fp32, int4, a Mixtral MoE) and the builder's (fp32,
+    int4; its tiny Llama ties the embedding and the lm_head)."""
     root = tmp_path_factory.mktemp("genai")
-    runs = {"fp32": (tiny_llama, ["export.onnx"]), "int4": (tiny_llama, ["export.onnx", "quant.int4"])}
+    runs = {"fp32": (tiny_llama, ["export.onnx"]), "int4": (tiny_llama, ["export.onnx", "quant.int4"]),
+            "moe": (tiny_mixtral, ["export.onnx"])}
     if genai_builder.available():
         runs |= {"builder-fp32": (tiny_llama16, [BUILDER]), "builder-int4": (tiny_llama16, [BUILDER, "quant.int4"])}
     folders = {}
@@ -47,8 +49,8 @@ def outputs(tiny_llama, tiny_llama16, text_file, tmp_path_factory):
     return folders
 
 
-def _model_of(form: str, tiny_llama, tiny_llama16):
-    return tiny_llama16 if form.startswith("builder") else tiny_llama
+def _model_of(form: str, tiny_llama, tiny_llama16, tiny_mixtral):
+    return tiny_llama16 if form.startswith("builder") else tiny_mixtral if form == "moe" else tiny_llama
 
 
 def _og_greedy(folder, ids: list[int], new: int) -> list[int]:
@@ -78,16 +80,16 @@ def test_no_config_for_graphs_without_a_cache(tiny_bert, text_file, tmp_path):
     assert not (tmp_path / "o" / genai.CONFIG).exists()
 
 
-@pytest.mark.parametrize("form", ["fp32", "int4", "builder-fp32", "builder-int4"])
-def test_genai_greedy_equals_compress_generate(outputs, form, tiny_llama, tiny_llama16):
+@pytest.mark.parametrize("form", ["fp32", "int4", "moe", "builder-fp32", "builder-int4"])
+def test_genai_greedy_equals_compress_generate(outputs, form, tiny_llama, tiny_llama16, tiny_mixtral):
     from transformers import AutoTokenizer
 
     if form not in outputs:
         pytest.skip("onnxruntime-genai is not installed (pip install 'compress[genai]')")
-    source = _model_of(form, tiny_llama, tiny_llama16)
+    source = _model_of(form, tiny_llama, tiny_llama16, tiny_mixtral)
     tok = AutoTokenizer.from_pretrained(source)
     ids = tok(PROMPT)["input_ids"]
-    ours = generate(outputs[form] / "model.onnx", tok, PROMPT, max_new_tokens=NEW, stop_tokens=[]).token_ids
+    ours = generate(outputs[form] / "model.onnx", tok, PROMPT, max_new_tokens=NEW, stop_tokens=[], chat=False).token_ids
     theirs = _og_greedy(outputs[form], ids, NEW)
     assert theirs == ours
     if form.endswith("fp32"):  # and both equal transformers' own greedy generate
@@ -108,6 +110,8 @@ def test_builder_graph(outputs):
     folder = outputs["builder-fp32"]
     ops = {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    graph = onnx.load(str(folder / "model.onnx")).graph  # the tied matrix stored once (the builder writes two copies)
+    assert sum(1 for i in graph.initializer if 30522 in i.dims) == 1
     assert json.loads((folder / genai.CONFIG).read_text())["search"]["past_present_share_buffer"] is True
     report = json.loads((folder / "report.json").read_text())
     parity = report["stages"][1]["parity"]
