@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     tok = models.load_tokenizer(models.alias_path(args.tokenizer) if not Path(args.tokenizer).exists() else Path(args.tokenizer))
     feed = text_feed(tok, data.load(args.data).eval, 1, args.seq)
-    paths = {"baseline": args.baseline, **{item.split("=", 1)[0]: Path(item.split("=", 1)[1]) for item in args.models}}
+    named = [item.split("=", 1) for item in args.models]
+    if any(len(pair) != 2 or pair[0] == "baseline" for pair in named):
+        ap.error("models are NAME=PATH, and NAME may not be 'baseline'")
+    paths = {"baseline": args.baseline, **{name: Path(path) for name, path in named}}
     calls = {}
     for name, path in paths.items():
         runner = OnnxRunner(path, args.kind, threads=args.threads)
