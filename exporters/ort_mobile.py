@@ -171,7 +171,7 @@ def check_mobile(src: Path, optimization: str) -> dict:
     return out
 
 
-def _xnnpack_session(path: Path, threads: int) -> Any:
+def xnnpack_session(path: Path, threads: int) -> Any:
     """XNNPACK runs its own thread pool: onnxruntime's intra-op pool gets one thread and no spinning, as
     its XNNPACK EP page recommends."""
     import onnxruntime as ort
@@ -198,7 +198,7 @@ def check_xnnpack(state: ModelState, ort_model: Path, feeds: list[dict], cfg: Ex
                 "why": f"onnxruntime {ort.__version__} here offers {', '.join(available)}: its wheel is built "
                        "without XNNPACK (onnxruntime-android / onnxruntime-objc or a --use_xnnpack build have it)"}
     settings = ctx.latency
-    sess = _xnnpack_session(ort_model, settings.threads)
+    sess = xnnpack_session(ort_model, settings.threads)
     if XNNPACK not in sess.get_providers():
         return {"available": False, "why": f"a session asking for it ran on {', '.join(sess.get_providers())}"}
     try:

@@ -170,7 +170,7 @@ def test_export_ort_measures_parity_and_p50_under_xnnpack_when_the_wheel_has_it(
                                                                                  tmp_path, monkeypatch):
     real = ort.get_available_providers()
     monkeypatch.setattr(ort, "get_available_providers", lambda: [ort_mobile.XNNPACK, *real])
-    monkeypatch.setattr(ort_mobile, "_xnnpack_session", lambda path, threads: _SaysXnnpack(
+    monkeypatch.setattr(ort_mobile, "xnnpack_session", lambda path, threads: _SaysXnnpack(
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])))
     out, _ = bert_int8_ort
 
