@@ -249,9 +249,14 @@ class Runner:
                 raise TrialFailed("invalid combination: " + "; ".join(exc.problems)) from None
             proxy = self.proxy(configs)
             if proxy is not None:
-                state = self.pipeline(proxy, folder / "proxy", what=f"trial {trial.number}: the untrained proxy "
-                                      f"({search_report.recipe_short([c.to_dict() for c in proxy])})").state
-                values = self._finish_stage(trial, self.metrics(state), "proxy", t0, only=ARCHITECTURE)
+                entries = [c.to_dict() for c in proxy]
+                metrics = self._same_proxy(trial, entries)
+                if metrics is None:
+                    state = self.pipeline(proxy, folder / "proxy", what=f"trial {trial.number}: the untrained proxy "
+                                          f"({search_report.recipe_short(entries)})").state
+                    metrics = self.metrics(state)
+                trial.set_user_attr("proxy", {"recipe": entries, "metrics": metrics})
+                values = self._finish_stage(trial, metrics, "proxy", t0, only=ARCHITECTURE)
                 if values is not None:  # an architecture constraint is broken: no training spent on it
                     return values
                 first = trial.user_attrs["metrics"].get(self.s.objectives[0].metric)
@@ -293,6 +298,17 @@ class Runner:
                 raise optuna.TrialPruned()
             only = ARCHITECTURE if t.user_attrs.get("stage") == "proxy" else None
             return self._finish_stage(trial, t.user_attrs["metrics"], t.user_attrs["stage"], time.time(), only=only)
+        return None
+
+    def _same_proxy(self, trial: Any, entries: list) -> dict | None:
+        """The measurements of an earlier trial's identical proxy (trials that differ only in training share it),
+        so one architecture gets one latency and one verdict on the architecture constraints; None if none ran."""
+        for t in trial.study.get_trials(deepcopy=False):
+            proxy = t.user_attrs.get("proxy")
+            if t.number != trial.number and proxy and proxy.get("recipe") == entries:
+                self.console.print(f"[dim]trial {trial.number}: the same proxy as trial {t.number}; its measurements "
+                                   "are reused[/dim]")
+                return dict(proxy["metrics"])
         return None
 
     def _finish_stage(self, trial: Any, metrics: dict, stage: str, t0: float, only: Sequence[str] | None = None) -> Any:

@@ -298,16 +298,6 @@ def test_a_storage_url_that_cannot_be_used_is_one_clear_error(bert4, text_file, 
                                                     storage="nosuchdb://host/x", **_fast())
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples" / "search").glob("*.yaml")),
-                         ids=lambda p: p.name)
-def test_example_search_recipes_parse(path):
-    """The shipped search recipes read without problems (their models are checked when a search starts)."""
-    from compress.search import Search
-
-    search = Search.from_recipe(path)
-    assert search.model and search.objectives and search.constraints and search.space.slots
-
-
 def test_builtin_cnn_space_calibrates_static_int8_before_any_fusion():
     """optimize.ort's FusedConv can't be calibrated: static int8 must come straight after export.onnx."""
     from compress.search_space import builtin
@@ -317,3 +307,23 @@ def test_builtin_cnn_space_calibrates_static_int8_before_any_fusion():
     assert "optimize.ort" not in names
     choices = space[names.index("export.onnx") + 1]["choose"]
     assert {"pass": "quant.int8", "mode": "static", "per_channel": [True, False]} in choices and "none" in choices
+
+
+def test_trials_that_differ_only_in_training_share_one_proxy_measurement():
+    """One architecture, one latency: a trial whose proxy (the pass list with training removed) an earlier trial
+    ran takes that trial's measurements, so timing noise can't pass one and fail the other."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from compress.search_trials import Runner
+
+    proxy = [{"pass": "prune.structured", "layers": 0.5}, {"pass": "export.onnx"}]
+    earlier = SimpleNamespace(number=3, user_attrs={"proxy": {"recipe": proxy, "metrics": {"latency": 0.47}}})
+    other = SimpleNamespace(number=4, user_attrs={"proxy": {"recipe": proxy[1:], "metrics": {"latency": 0.9}}})
+    study = SimpleNamespace(get_trials=lambda deepcopy=False: [earlier, other])
+    runner = SimpleNamespace(console=Console(quiet=True))
+    now = SimpleNamespace(number=7, study=study)
+
+    assert Runner._same_proxy(runner, now, proxy) == {"latency": 0.47}
+    assert Runner._same_proxy(runner, now, [{"pass": "export.onnx"}, {"pass": "quant.int8"}]) is None
