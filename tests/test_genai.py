@@ -146,3 +146,14 @@ def test_smollm2_answers_in_onnxruntime_genai(tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     assert _og_greedy(out, ids, len(ours.token_ids)) == ours.token_ids
+
+
+def test_a_builder_graph_is_an_input_like_any_onnx_model(outputs, text_file, tmp_path):
+    """Its SimplifiedLayerNormalization is onnxruntime's op in the default domain (the ONNX checker does not know
+    it): the file is accepted because onnxruntime loads it, and later passes run on it."""
+    if "builder-fp32" not in outputs:
+        pytest.skip("onnxruntime-genai is not installed (pip install 'compress[genai]')")
+    result = Pipeline(["quant.int4"]).run(str(outputs["builder-fp32"] / "model.onnx"), str(text_file), tmp_path / "q",
+                                          **_fast())
+    assert result.report["stages"][-1]["fidelity"]["top1"] > 0.5
+    assert (tmp_path / "q" / genai.CONFIG).is_file()
