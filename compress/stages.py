@@ -136,7 +136,7 @@ def write_final(state: ModelState, work: Path, console: Any = None) -> str:
     if state.form == "onnx" and state.kind.name == "causal-lm":  # onnxruntime_genai.Model(OUT) loads the folder
         source = Path(str(state.source)).expanduser()  # an ONNX input: the config.json beside it, if any
         config = state.hf_config if state.hf_config is not None else source.parent / "config.json"
-        why = genai.write(work, name, config, state.tokenizer)
+        why = genai.write(work, name, config, state.tokenizer, prior=source.parent / genai.CONFIG)
         if why and console is not None:
             console.print(f"[yellow]{why}[/yellow]")
     return name

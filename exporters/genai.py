@@ -105,10 +105,22 @@ def config_for(layout: dict, hf_config: dict, tokenizer: Any = None, filename: s
     }
 
 
-def write(folder: Path, graph: str, hf_config: Any, tokenizer: Any = None) -> str | None:
+def _as_hf(prior: Path) -> dict:
+    """What an earlier genai_config.json says that a transformers config would (for an ONNX input without one)."""
+    model = json.loads(prior.read_text()).get("model", {})
+    decoder = model.get("decoder", {})
+    return {key: value for key, value in {
+        "eos_token_id": model.get("eos_token_id"), "bos_token_id": model.get("bos_token_id"),
+        "pad_token_id": model.get("pad_token_id"), "max_position_embeddings": model.get("context_length"),
+        "num_attention_heads": decoder.get("num_attention_heads"), "hidden_size": decoder.get("hidden_size")}.items()
+        if value is not None}
+
+
+def write(folder: Path, graph: str, hf_config: Any, tokenizer: Any = None, prior: Path | None = None) -> str | None:
     """Write FOLDER/genai_config.json for FOLDER/GRAPH when it is a KV-cache graph. `hf_config`: a transformers
-    config, a dict, or a config.json path (None: nothing but the graph and tokenizer to go by). Returns why
-    it was not written (an optional file: the caller warns and goes on), or None."""
+    config, a dict, or a config.json path (None: nothing but the graph and tokenizer to go by); `prior`: the
+    input's own genai_config.json, for what the config does not say. Returns why it was not written (an
+    optional file: the caller warns and goes on), or None."""
     layout = graph_layout(folder / graph)
     if layout is None:
         return None
@@ -119,6 +131,8 @@ def write(folder: Path, graph: str, hf_config: Any, tokenizer: Any = None) -> st
             hf_config = {}
         elif not isinstance(hf_config, dict):
             hf_config = hf_config.to_dict()
+        if prior is not None and prior.is_file():
+            hf_config = {**_as_hf(prior), **hf_config}
         config = config_for(layout, hf_config, tokenizer, graph)
     except (UserError, OSError, ValueError) as exc:
         return f"no {CONFIG} (onnxruntime-genai needs it to load the folder): {exc}"
