@@ -135,8 +135,9 @@ def write_final(state: ModelState, work: Path, console: Any = None) -> str:
         state.tokenizer.save_pretrained(work)
     if state.form == "onnx" and state.kind.name == "causal-lm":  # onnxruntime_genai.Model(OUT) loads the folder
         source = Path(str(state.source)).expanduser()  # an ONNX input: the config.json beside it, if any
-        config = state.hf_config if state.hf_config is not None else source.parent / "config.json"
-        why = genai.write(work, name, config, state.tokenizer, prior=source.parent / genai.CONFIG)
+        beside = source.parent if source.is_file() else None
+        config = state.hf_config if state.hf_config is not None or beside is None else beside / "config.json"
+        why = genai.write(work, name, config, state.tokenizer, prior=beside / genai.CONFIG if beside else None)
         if why and console is not None:
             console.print(f"[yellow]{why}[/yellow]")
     return name
