@@ -172,6 +172,20 @@ def _tied_pair(graph: Any) -> tuple[Any, Any] | None:
     return None
 
 
+def gather_hidden_first(graph: Any, gather: Any, weight: str, rank: int) -> None:
+    """Point the embedding Gather at the (hidden, vocab) lm_head weight on its axis 1, giving (hidden, batch, seq)
+    for (batch, seq) ids (`rank` 2), and put hidden last again with a Transpose: the tied form quant.int4 knows."""
+    import onnx
+
+    out = gather.output[0]
+    gather.input[0], gather.output[0] = weight, out + "_hidden_first"
+    gather.ClearField("attribute")
+    gather.attribute.append(onnx.helper.make_attribute("axis", 1))
+    transpose = onnx.helper.make_node("Transpose", [gather.output[0]], [out], name=gather.name + "_hidden_last",
+                                      perm=[*range(1, rank + 1), 0])
+    graph.node.insert(list(graph.node).index(gather) + 1, transpose)
+
+
 def share_tied_embedding(model: Any) -> int:
     """A tied embedding / lm_head (SmolLM2: one (49152, 576) matrix) leaves the legacy exporter twice:
     the Gather's (vocab, hidden) weight and a constant-folded (hidden, vocab) transpose for the lm_head
@@ -187,14 +201,7 @@ def share_tied_embedding(model: Any) -> int:
         return 0
     gather, head = pair
     emb = next(i for i in graph.initializer if i.name == gather.input[0])
-    rank = ranks[gather.input[1]]  # input_ids (batch, seq): gathered (hidden, batch, seq), perm [1, 2, 0]
-    out = gather.output[0]
-    gather.input[0], gather.output[0] = head.name, out + "_hidden_first"
-    gather.ClearField("attribute")
-    gather.attribute.append(onnx.helper.make_attribute("axis", 1))
-    transpose = onnx.helper.make_node("Transpose", [gather.output[0]], [out], name=gather.name + "_hidden_last",
-                                      perm=[*range(1, rank + 1), 0])
-    graph.node.insert(list(graph.node).index(gather) + 1, transpose)
+    gather_hidden_first(graph, gather, head.name, ranks[gather.input[1]])
     if not any(emb.name in n.input for n in graph.node):
         graph.initializer.remove(emb)
         return int(np.prod(emb.dims)) * onnx.helper.tensor_dtype_to_np_dtype(emb.data_type).itemsize

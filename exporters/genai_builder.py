@@ -77,6 +77,28 @@ def fixed_head_size(model: Any, head_dim: int) -> None:
                 dim.dim_value = head_dim
 
 
+def tied_form(graph: Any) -> bool:
+    """The builder reads a tied embedding as Gather(Transpose(lm_head weight)): rewritten as compress's own export
+    stores it (causal_lm.gather_hidden_first), which quant.int4 quantizes once for both uses. True if rewritten."""
+    from compress.exporters import causal_lm
+
+    inits = {i.name: i for i in graph.initializer}
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    for transpose in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits]:
+        if len(inits[transpose.input[0]].dims) != 2:
+            continue
+        users = [n for n in graph.node if transpose.output[0] in n.input]
+        gather = users[0] if len(users) == 1 and users[0].op_type == "Gather" else None
+        if gather is None or gather.input[0] != transpose.output[0] or gather.input[1] not in ranks:
+            continue
+        if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+            continue
+        causal_lm.gather_hidden_first(graph, gather, transpose.input[0], ranks[gather.input[1]])
+        graph.node.remove(transpose)
+        return True
+    return False
+
+
 def parity_feeds(model: Any, layout: Any, tokenizer: Any, texts: list[str], max_length: int) -> list[dict]:
     """compress's cache-graph feeds without what GroupQueryAttention can't take (see the module docstring)."""
     from compress.exporters import causal_lm
@@ -122,7 +144,8 @@ def export(model: Any, tokenizer: Any, texts: list[str], cfg: Any, workdir: Path
         _check_inputs(graph.graph)
         fixed_head_size(graph, layout.head_dim)
         causal_lm.stamp_context(graph, model.config)
-        causal_lm.share_tied_embedding(graph)  # compares the loaded (no longer external) tensors
+        if not tied_form(graph.graph):  # a tied embedding read through a Transpose, or two equal copies
+            causal_lm.share_tied_embedding(graph)  # compares the loaded (no longer external) tensors
         path = workdir / "model.onnx"
         large = graph.ByteSize() > LARGE
         onnx.save(graph, str(path), save_as_external_data=large, location="model.onnx.data" if large else None)

@@ -112,6 +112,9 @@ def test_builder_graph(outputs):
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
     graph = onnx.load(str(folder / "model.onnx")).graph  # the tied matrix stored once (the builder writes two copies)
     assert sum(1 for i in graph.initializer if 30522 in i.dims) == 1
+    head = next(n for n in graph.node if n.op_type == "MatMul" and n.output[0] == "logits")
+    gather = next(n for n in graph.node if n.op_type == "Gather" and "input_ids" in n.input)
+    assert gather.input[0] == head.input[1]  # compress's tied form (axis 1 + Transpose): quant.int4 shares its codes
     assert json.loads((folder / genai.CONFIG).read_text())["search"]["past_present_share_buffer"] is True
     report = json.loads((folder / "report.json").read_text())
     parity = report["stages"][1]["parity"]
