@@ -365,7 +365,8 @@ class Runner:
         front = _pareto([t for t in good if all(t["metrics"].get(a.metric) is not None for a in axes)], axes)
         first = self.s.objectives[0]
         sign = 1 if first.direction == "maximize" else -1
-        chosen = max(good, key=lambda t: sign * t["metrics"][first.metric])["number"] if good else None
+        # the best first objective; among equals, the one on the front (as fast, as small: it dominates the others)
+        chosen = max(front or good, key=lambda t: sign * t["metrics"][first.metric])["number"] if good else None
         return {"model": str(self.model if self.model is not None else "minilm"), "kind": self.kind,
                 "data": str(self.data) if self.data is not None else "(the model kind's default)",
                 "objectives": [{"metric": o.metric, "direction": o.direction, "label": o.metric} for o in self.s.objectives],
@@ -374,7 +375,8 @@ class Runner:
                 "space": self.space.as_list(), "reference": self.reference,
                 "latency": {"how": (f"the profiler command {self.s.profiler!r} (median of 3), as a ratio to the reference"
                                     if self.s.profiler else
-                                    f"this machine: batch {self.settings.batch} x {self.settings.seq} tokens, "
+                                    f"this machine: batch {self.settings.batch} "
+                                    f"{'images' if self.kind == 'image-classifier' else f'x {self.settings.seq} tokens'}, "
                                     f"{self.settings.threads} threads, p50 timed interleaved with the reference")},
                 "study": {"name": study.study_name, "trials": len(trials)},
                 "trials": trials, "pareto": [t["number"] for t in front], "chosen": chosen, "seconds": round(seconds, 1)}
