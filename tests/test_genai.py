@@ -35,11 +35,12 @@ BUILDER = {"pass": "export.onnx", "exporter": "genai"}
 
 @pytest.fixture(scope="module")
 def outputs(tiny_llama, tiny_llama16, tiny_mixtral, text_file, tmp_path_factory):
-    """Output folders of compress run: compress's cache graph (fp32, int4, a Mixtral MoE) and the builder's (fp32,
-    int4; its tiny Llama ties the embedding and the lm_head)."""
+    """Output folders of compress run: compress's cache graph (fp32, int4, a Mixtral MoE, head- and FFN-pruned) and
+    the builder's (fp32, int4; its tiny Llama ties the embedding and the lm_head)."""
     root = tmp_path_factory.mktemp("genai")
     runs = {"fp32": (tiny_llama, ["export.onnx"]), "int4": (tiny_llama, ["export.onnx", "quant.int4"]),
-            "moe": (tiny_mixtral, ["export.onnx"])}
+            "moe": (tiny_mixtral, ["export.onnx"]),
+            "pruned": (tiny_llama, [{"pass": "prune.structured", "heads": 0.5, "ffn": 0.5}, "export.onnx"])}
     if genai_builder.available():
         runs |= {"builder-fp32": (tiny_llama16, [BUILDER]), "builder-int4": (tiny_llama16, [BUILDER, "quant.int4"])}
     folders = {}
@@ -80,7 +81,7 @@ def test_no_config_for_graphs_without_a_cache(tiny_bert, text_file, tmp_path):
     assert not (tmp_path / "o" / genai.CONFIG).exists()
 
 
-@pytest.mark.parametrize("form", ["fp32", "int4", "moe", "builder-fp32", "builder-int4"])
+@pytest.mark.parametrize("form", ["fp32", "int4", "moe", "pruned", "builder-fp32", "builder-int4"])
 def test_genai_greedy_equals_compress_generate(outputs, form, tiny_llama, tiny_llama16, tiny_mixtral):
     from transformers import AutoTokenizer
 
@@ -92,6 +93,9 @@ def test_genai_greedy_equals_compress_generate(outputs, form, tiny_llama, tiny_l
     ours = generate(outputs[form] / "model.onnx", tok, PROMPT, max_new_tokens=NEW, stop_tokens=[], chat=False).token_ids
     theirs = _og_greedy(outputs[form], ids, NEW)
     assert theirs == ours
+    if form == "pruned":  # half the query heads (and their kv heads) left: the config says so
+        decoder = json.loads((outputs[form] / genai.CONFIG).read_text())["model"]["decoder"]
+        assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
     if form.endswith("fp32"):  # and both equal transformers' own greedy generate
         from transformers import AutoModelForCausalLM
 
