@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 GENAI = {"pass": "export.onnx", "exporter": "genai"}
 INT4 = {"pass": "quant.int4", "block_size": 32}
@@ -108,20 +111,10 @@ def build(work: Path, threads: int, reuse: bool, methods: list[str]) -> tuple[di
 
 
 def ort_speed(folders: dict[str, Path], ids, threads: int, new_tokens: int, rounds: int) -> dict[str, dict]:
-    import numpy as np
+    """smollm2_edge's timing: compress.generate's loop, one untimed run each, then rounds of one run per model."""
+    from smollm2_edge import speed
 
-    from compress.profiling import generate_once
-    from compress.runtime import session
-
-    sessions = {name: session(folder / "model.onnx", threads) for name, folder in folders.items()}
-    for sess in sessions.values():
-        generate_once(sess, ids, new_tokens)
-    runs: dict[str, list] = {name: [] for name in folders}
-    for _ in range(rounds):
-        for name, sess in sessions.items():
-            runs[name].append(generate_once(sess, ids, new_tokens))
-    return {name: {"ttft_ms": float(np.median([r[0] for r in rs]) * 1000), "tokens_per_s": float(np.median([r[1] for r in rs]))}
-            for name, rs in runs.items()}
+    return speed({name: folder / "model.onnx" for name, folder in folders.items()}, ids, threads, new_tokens, rounds)
 
 
 def genai_speed(folders: dict[str, Path], ids, threads: int, new_tokens: int, rounds: int) -> dict[str, dict]:
