@@ -48,11 +48,18 @@ def build(model: str, work: Path, threads: int) -> dict[str, dict]:
     data = images.load("photos") if model == "efficientnet-lite0" else "mix"
     quick = LatencySettings(batch=1, seq=128, threads=threads, warmup=1, runs=3)
     console = Console(stderr=True, width=160)
+    from compress.errors import PassFailed
+
     rows = {}
     for name, passes in ROWS[model].items():
         out = work / model / name.replace(" ", "_")
         console.rule(f"{model}: {name}")
-        rep = Pipeline(passes).run(model, data, out, overwrite=True, latency=quick, tasks=False, console=console).report
+        try:
+            rep = Pipeline(passes).run(model, data, out, overwrite=True, latency=quick, tasks=False, console=console).report
+        except PassFailed as exc:  # e.g. an int8 program whose outputs miss the parity check: a row that says so
+            console.print(f"[red]{name} failed[/red]: {exc}")
+            rows[name] = {"failed": str(exc).splitlines()[-1].strip()}
+            continue
         final = rep["stages"][-1]
         rows[name] = {"path": out / rep["final"]["path"], "bytes": final["bytes"], "fidelity": final.get("fidelity") or {}}
     return rows
@@ -80,6 +87,8 @@ def time_rows(model: str, rows: dict[str, dict], threads: int, runs: int) -> dic
     feed = feed_of(model, kind)
     calls = {}
     for name, row in rows.items():
+        if "failed" in row:
+            continue
         if row["path"].suffix == ".pte":
             calls[name] = PteRunner(row["path"], kind, threads=threads).bound(feed)
         else:
@@ -131,14 +140,21 @@ def main(argv: list[str] | None = None) -> dict:
             value = row["fidelity"].get(metric)
             table.add_row(name, f"{row['bytes'] / 1e6:.1f}", f"{timing['p50']:.2f}", f"{timing['p50'] / base:.2f}x",
                           f"{value:.4f}" if isinstance(value, float) else "-")
+        for name, row in rows.items():
+            if "failed" in row:
+                table.add_row(name, "-", "-", "-", f"failed: {row['failed'][:70]}")
         console.print(table)
+        if "failed" in rows["ExecuTorch int8"]:
+            console.print(f"  ExecuTorch int8 failed: {rows['ExecuTorch int8']['failed']}")
+            results[model] = {"latency": lat}
+            continue
         et = lat["ExecuTorch int8"]["p50"] / base
         fid = rows["ExecuTorch int8"]["fidelity"].get(metric)
         if model == "minilm":
             ok = et <= 1.5 and isinstance(fid, float) and fid >= 0.99
             console.print(f"  goal: ExecuTorch int8 within 1.5x of ORT int8 at held-out cosine >= 0.99: {et:.2f}x, "
                           f"cosine {fid}: {'[green]met[/green]' if ok else '[red]not met[/red]'}")
-        results[model] = {"latency": lat, "rows": {k: {**v, "path": str(v["path"])} for k, v in rows.items()}}
+        results[model] = {"latency": lat, "rows": {k: {**v, "path": str(v.get("path"))} for k, v in rows.items()}}
     return results
 
 
