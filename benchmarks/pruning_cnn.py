@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    import onnxruntime as ort
     import torch
     from rich.console import Console
     from rich.table import Table
 
     from compress import Pipeline, images
     from compress.profiling import LatencySettings, real_feed, time_interleaved
+    from compress.runtime import session
 
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-cnn-"))
@@ -73,10 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(f"{name}: top1 {rows[name]['top1']:.3f} kl {rows[name]['kl']:.3f}")
 
     feed = real_feed(None, data.eval, 1, 1)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle sessions' threads would spin (runtime.session)
-    sessions = {n: ort.InferenceSession(str(r["onnx"]), so, providers=["CPUExecutionProvider"]) for n, r in rows.items()}
+    sessions = {n: session(r["onnx"], args.threads) for n, r in rows.items()}
     timing = time_interleaved({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()},
                               LatencySettings(batch=1, seq=1, threads=args.threads, warmup=10, runs=args.runs))
     base = timing["unpruned"]["p50"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +68,10 @@ def _check_inputs(graph: Any) -> None:
 
 def fixed_head_size(model: Any, head_dim: int) -> None:
     """The builder leaves the cache's last axis symbolic (`kv_cache_dim`); it is the head size."""
+    from compress.runtime import PRESENT_PREFIX, is_past
+
     for value in [*model.graph.input, *model.graph.output]:
-        if re.match(r"^(past_key_values|present)\.\d+\.(key|value)$", value.name):
+        if is_past(value.name) or value.name.startswith(PRESENT_PREFIX):
             dim = value.type.tensor_type.shape.dim[3]
             if not dim.HasField("dim_value"):
                 dim.ClearField("dim_param")
@@ -120,9 +121,6 @@ def export(model: Any, tokenizer: Any, texts: list[str], cfg: Any, workdir: Path
     from compress.exporters import causal_lm, parity
     from compress.runtime import OnnxRunner
 
-    if not available():
-        raise UserError("export.onnx exporter=genai needs onnxruntime-genai: pip install 'compress[genai]' "
-                        "(or use exporter=legacy)")
     if tokenizer is None:
         raise UserError("export.onnx exporter=genai needs the model's tokenizer (the builder reads it): give --tokenizer")
     layout = causal_lm.layout_of(model)

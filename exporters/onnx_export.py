@@ -18,7 +18,6 @@ from typing import Literal
 from pydantic import Field
 
 from compress.config import PassConfig
-from compress.errors import UserError
 from compress.context import PassContext
 from compress import kinds
 from compress.exporters import parity
@@ -118,9 +117,6 @@ def export_pixels(state: ModelState, cfg: ExportOnnx, ctx: PassContext) -> Model
     """An image classifier: pixel_values -> logits, checked against the module on held-out images."""
     from compress.runtime import OnnxRunner, TorchRunner
 
-    if cfg.exporter == "genai":
-        raise UserError("export.onnx exporter=genai builds causal LMs with a KV cache only; this is an image "
-                        "classifier: use exporter=legacy")
     model = state.model.eval()
     feeds = state.kind.inputs.parity_feeds(None, state.data.eval, ctx.max_length)
     path = ctx.workdir / "model.onnx"
@@ -163,10 +159,6 @@ def export_tokens(state: ModelState, cfg: ExportOnnx, ctx: PassContext, cache: b
             from compress.exporters import causal_lm
 
             path, rows = causal_lm.export(model, state.tokenizer, texts, cfg, ctx.workdir, ctx.max_length)
-        elif cfg.exporter == "genai":
-            raise UserError("export.onnx exporter=genai builds causal LMs with a KV cache only (cache=true); "
-                            f"this is a {state.kind.name} model{' exported without a cache' if state.kind.name == 'causal-lm' else ''}: "
-                            "use exporter=legacy")
         else:
             wrapper = forward_wrapper(model, state.kind, state.meta.get("pooling", "mean"))
             feeds = state.kind.inputs.parity_feeds(state.tokenizer, texts, ctx.max_length)
@@ -183,5 +175,20 @@ def export_tokens(state: ModelState, cfg: ExportOnnx, ctx: PassContext, cache: b
     return state.with_file(path, "onnx", hf_config=config, exporter=cfg.exporter)
 
 
+def _check(cfg: ExportOnnx, info) -> list[str]:
+    """exporter=genai: onnxruntime-genai's builder writes causal LMs with a KV cache only, and must be installed."""
+    if cfg.exporter != "genai":
+        return []
+    if info.kind.name != "causal-lm" or not cfg.cache:
+        what = "causal LM exported without a cache" if info.kind.name == "causal-lm" else f"{info.kind.name} model"
+        return [f"exporter=genai builds causal LMs with a KV cache only (cache=true); this is a {what}: use "
+                "exporter=legacy"]
+    from compress.exporters import genai_builder
+
+    return [] if genai_builder.available() else [
+        "exporter=genai needs onnxruntime-genai: pip install 'compress[genai]' (or use exporter=legacy)"]
+
+
 PASS = PassSpec(name="export.onnx", config=ExportOnnx, run=run, takes=("torch",), gives="onnx", kinds=ALL_KINDS,
+                check=_check,
                 summary="Export to ONNX (dynamic batch/sequence axes; KV cache for causal LMs), checked against PyTorch on held-out text.")

@@ -294,11 +294,11 @@ def _recorded_parts(weight: np.ndarray, recorded: dict, widths: dict[int, list[i
         if hit is None:
             return None
         parts.append(hit)
-        start += hit[1].shape[0]
+        start += hit[0].shape[0]  # the layer's output features (codes are (N, K))
     return parts
 
 
-def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int]:
+def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int, int]:
     """Write quant.weight_only's codes (Neural Compressor's GPTQ / AWQ / RTN choices) as MatMulNBits:
     a MatMul whose constant weight is bit for bit a recorded layer's dequantized weight (transposed), or
     several such layers side by side (a fused q/k/v), becomes a MatMulNBits with those codes, scales and
@@ -317,9 +317,9 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
             name = key[: -len(".codes")]
             codes, scales, zp = (tensors[f"{name}.{part}"] for part in ("codes", "scales", "zero_points"))
             weight = dequantize(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zp), group).numpy()
-            recorded[_digest(weight.T)] = (name, codes, scales, zp)
+            recorded[_digest(weight.T)] = (codes, scales, zp)
     widths: dict[int, list[int]] = {}
-    for _, codes, _, _ in recorded.values():
+    for codes, _, _ in recorded.values():
         widths.setdefault(codes.shape[1], []).append(codes.shape[0])
     widths = {k: sorted(set(ns), reverse=True) for k, ns in widths.items()}
     graph, done, matmuls, nodes = model.graph, 0, 0, []
@@ -332,7 +332,7 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
         if parts is None:
             nodes.append(node)
             continue
-        codes, scales, zp = (np.concatenate([part[i] for part in parts], axis=0) for i in (1, 2, 3))
+        codes, scales, zp = (np.concatenate(side_by_side, axis=0) for side_by_side in zip(*parts))
         n, k = codes.shape
         packed, zero_points = _pack_blocks(codes, zp, bits, group)
         base = f"{node.input[1]}_Q{bits}G{group}"
