@@ -13,7 +13,9 @@ Models:
                         matrix 4-bit and stored once, as the builder's)
   builder graph + AWQ / GPTQ   quant.weight_only (Neural Compressor, symmetric blocks of 32, 32 windows of 128 wiki
                         training tokens) before export.onnx exporter=genai, then quant.int4 writing those codes with the
-                        tied matrix 4-bit and shared: the builder's own format and kernels, calibrated codes
+                        tied matrix 4-bit and shared: the builder's own format and kernels, calibrated codes;
+                        GPTQ-MSE / MSE: compress's own (passes/lib/gptq.py: block scales searched for the least
+                        activation-weighted error, GPTQ onto them), the tied lm_head / embedding rounded too
 Columns: MB on disk; perplexity on the first 40 lee_background paragraphs (256 tokens at most each); time to first
 token for a real 64-token prompt (wiki held-out) and decode tokens/s over 64 greedy new tokens, in onnxruntime
 (compress.generate's loop; sessions alternate, medians over rounds; compress's sessions do not spin) and in
@@ -43,7 +45,8 @@ SHARED4 = {**INT4, "lm_head_bits": 4, "embeddings": True}  # the builder's int4 
 
 def calibrated(method: str) -> dict:
     """quant.weight_only, symmetric (MatMulNBits' fast kernel has no zero points), on wiki training windows."""
-    return {"pass": "quant.weight_only", "method": method, "symmetric": True, "samples": 32, "max_length": 128}
+    own = {"lm_head": True} if method in ("mse", "gptq-mse") else {}  # compress's own: the tied matrix rounded too
+    return {"pass": "quant.weight_only", "method": method, "symmetric": True, "samples": 32, "max_length": 128, **own}
 
 
 def builder_model(hf: Path, out: Path, precision: str) -> float:

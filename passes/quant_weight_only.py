@@ -10,6 +10,11 @@ Methods (neural-compressor-pt 3.x, `neural_compressor.torch.quantization`):
   activations so that salient channels lose less to rounding, W diag(s) quantized and 1/s folded into
   the op before (RMSNorm weights for q/k/v and gate/up, up_proj rows for down_proj), then a clip
   search. Llama-family decoders (Llama, Mistral, Qwen2).
+- `mse`, `gptq-mse` (compress's own, passes/lib/gptq.py): each block's scale searched among `candidates`
+  clipping ratios for the least squared error weighted by the input Hessian's diagonal (how much each
+  input channel's error costs on calibration tokens), then round to nearest (mse) or GPTQ onto those
+  scales (gptq-mse), layer by layer with the earlier layers already rounded; any BERT- or
+  Llama-family model; `lm_head=true` also rounds the lm_head (and the tied embedding with it).
 Calibration: `samples` windows of `max_length` tokens cut from the state's training text (never the
 held-out part), concatenated like GPTQ's C4 windows (no padding enters the statistics).
 
@@ -19,7 +24,7 @@ exports as a normal transformers model, and its outputs are the quantized model'
 scales and zero points are kept (weight_only.safetensors in the stage folder); after export.onnx,
 quant.int4 finds the MatMuls whose weights are bit-for-bit those dequantized values and writes them
 as MatMulNBits with these codes, so GPTQ's / AWQ's choices, not a fresh rounding, reach the ONNX
-file. The lm_head stays float here (quant.int4's lm_head options apply to it). Run export.onnx and
+file. The lm_head stays float here unless lm_head=true (mse / gptq-mse; quant.int4's lm_head options apply to it otherwise). Run export.onnx and
 quant.int4 in the same run: a model saved after this pass holds the dequantized fp32 weights only,
 and a later quant.int4 would round them afresh (to the same grid only where a block uses its end codes).
 When to use: decoder LLMs going to int4 where round-to-nearest loses too much perplexity.
@@ -59,13 +64,21 @@ CODES_FILE = "weight_only.safetensors"
 
 class QuantWeightOnly(PassConfig):
     pass_name = "quant.weight_only"
-    method: Literal["rtn", "gptq", "awq"] = Field("gptq", description="rtn (no calibration), gptq or awq")
+    method: Literal["rtn", "gptq", "awq", "mse", "gptq-mse"] = Field("gptq", description=(
+        "Neural Compressor's rtn (no calibration), gptq or awq; or compress's own: mse (each block's scale searched "
+        "for the least activation-weighted error, then round to nearest) or gptq-mse (GPTQ onto those searched "
+        "scales; measured best on SmolLM2)"))
     bits: Literal[4, 8] = Field(4, description="bits per weight")
     group_size: BlockSize = Field(32, ge=16, le=256, description="input weights sharing one scale (power of two, >= 16)")
     symmetric: bool = Field(False, description="symmetric blocks (zero point fixed at the middle code)")
     samples: int = Field(32, ge=1, le=4096, description="gptq / awq: calibration windows of max_length tokens")
     max_length: int = Field(256, ge=16, le=8192, description="gptq / awq: tokens per calibration window")
     percdamp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian diagonal (fraction of its mean)")
+    candidates: int = Field(20, ge=1, le=200, description=(
+        "mse / gptq-mse: clipping ratios tried per block (from 1 down to 0.6); 1 = plain min/max"))
+    lm_head: bool = Field(False, description=(
+        "mse / gptq-mse: also quantize the lm_head (first, so the layers after see it; a tied embedding shares "
+        "it): for a graph whose tied matrix is stored once in 4 bits (quant.int4 lm_head_bits=4 embeddings=true)"))
 
 
 def calibration_windows(tokenizer, texts: list[str], samples: int, length: int) -> torch.Tensor:
@@ -130,6 +143,45 @@ def _inc_quantize(model: torch.nn.Module, cfg: QuantWeightOnly, windows: torch.T
         return convert(model)
 
 
+OWN = {"mse": "rtn", "gptq-mse": "gptq"}  # compress's own methods -> sequential.quantize's rounding
+
+
+def _own_quantize(model: torch.nn.Module, cfg: QuantWeightOnly, windows: torch.Tensor, kind: Any,
+                  console: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """compress's mse / gptq-mse, layer by layer (passes/lib/sequential.py) on `model` in place; each rounded
+    Linear's weight is set to exactly dequantize(codes, scales, zero points), the value quant.int4 looks for.
+    Returns the codes, scales and zero points by '<module name>.<part>', and the median and worst relative
+    output error of a layer on the calibration tokens."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from compress.passes.lib import sequential
+    from compress.passes.lib.gptq import BlockGrid, block_codes
+
+    grid = BlockGrid(cfg.bits, cfg.group_size, cfg.symmetric, cfg.candidates)
+    stages = sequential.stage_count(model, cfg.lm_head)
+    columns = (TextColumn("    {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"quant.weight_only {cfg.method}", total=stages)
+
+        def step(done: int, label: str) -> None:
+            bar.update(task, completed=done, description=f"quant.weight_only {cfg.method}: {label}")
+
+        rounded = sequential.quantize(model, windows, grid, OWN[cfg.method], lm_head=cfg.lm_head,
+                                      forward_kwargs={"use_cache": False} if kind.is_generative else {},
+                                      percdamp=cfg.percdamp, progress=step)
+    modules = dict(model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (r, _) in rounded.items():
+        codes, scales, zp = block_codes(r, grid)
+        modules[name].weight.data.copy_(dequantize(codes, scales, zp, cfg.group_size))
+        tensors.update({f"{name}.codes": codes, f"{name}.scales": scales, f"{name}.zero_points": zp})
+    errors = sorted(e for _, e in rounded.values())
+    error = {"median": errors[len(errors) // 2], "worst": errors[-1]}
+    console.print(f"quant.weight_only: {cfg.method} rounded {len(rounded)} Linear layers; relative output error on the "
+                  f"calibration tokens median {error['median']:.2e}, worst {error['worst']:.2e}")
+    return tensors, error
+
+
 def _unpack(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 (N, K), scales float32 (N, K/group), zero points uint8 (N, K/group)) of an
     INCWeightOnlyLinear; symmetric blocks get their implicit zero point (2^(bits-1))."""
@@ -166,12 +218,13 @@ def _to_linears(model: torch.nn.Module, group: int, biased: set[str]) -> dict[st
 def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: QuantWeightOnly | None = None, *,
           notes: dict | None = None, workdir: Path | str | None = None, progress: bool = True,
           kind: str | None = None, ctx: PassContext | None = None) -> nn.Module:
-    """Weight-only quantization of a bare transformers model's Linear layers (lm_head excluded):
+    """Weight-only quantization of a bare transformers model's Linear layers (the lm_head only with
+    method mse / gptq-mse and cfg.lm_head):
     returns a new float32 model in eval mode whose quantized weights are exactly
     scale * (code - zero point); `model` is left as it is.
 
     tokenizer and data (calibration text: a list of strings or a `compress.data.TextData`, its train
-    part) are needed for method gptq / awq only. cfg: default `QuantWeightOnly()` (gptq).
+    part) are needed for every method but rtn. cfg: default `QuantWeightOnly()` (gptq).
     notes: a dict to receive notes["weight_only"] (method, bits, layers, calibration tokens), what
     the pipeline's report records. workdir: when given, the codes, scales and zero points are
     saved there as weight_only.safetensors ('<module name>.codes' / '.scales' / '.zero_points'),
@@ -184,6 +237,8 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: QuantW
     kind = bare.prepare(cfg, model, data, ctx, kind)
     if cfg.method == "awq":
         awq_family(model.config)
+    if cfg.method in OWN:
+        own_family(model.config)
     biased = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
     with bare.context(ctx, workdir, progress) as c:
         windows = None
@@ -191,16 +246,22 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: QuantW
             windows = calibration_windows(tokenizer, bare.texts(data, cfg.pass_name), cfg.samples, cfg.max_length)
             c.console.print(f"quant.weight_only: {cfg.method} calibration on {windows.shape[0]} x {windows.shape[1]} "
                             "training tokens")
-        with c.console.status(f"quant.weight_only: {cfg.method} over every Linear layer (minutes for a 100M-parameter "
-                              "LLM on a few cores)"):
-            quantized = _inc_quantize(copy.deepcopy(model).float().eval(), cfg, windows, kind.is_generative)
-        tensors = _to_linears(quantized, cfg.group_size, biased)
+        error = None
+        if cfg.method in OWN:
+            quantized = copy.deepcopy(model).float().eval()  # a tied embedding stays tied to its lm_head
+            tensors, error = _own_quantize(quantized, cfg, windows, kind, c.console)
+        else:
+            with c.console.status(f"quant.weight_only: {cfg.method} over every Linear layer (minutes for a 100M-parameter "
+                                  "LLM on a few cores)"):
+                quantized = _inc_quantize(copy.deepcopy(model).float().eval(), cfg, windows, kind.is_generative)
+            tensors = _to_linears(quantized, cfg.group_size, biased)
         if not tensors:
             raise ValueError("Neural Compressor quantized no Linear layer of this model (nothing to carry into MatMulNBits)")
         if ctx is not None or workdir is not None:
             save_file(tensors, str(c.workdir / CODES_FILE))
     if notes is not None:
-        notes["weight_only"] = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+        own = {"lm_head": cfg.lm_head, "output_error": error} if cfg.method in OWN else {}
+        notes["weight_only"] = {"method": cfg.method, **own, "bits": cfg.bits, "group_size": cfg.group_size,
                                 "symmetric": cfg.symmetric, "layers": len(tensors) // 3,
                                 "calibration_tokens": 0 if windows is None else windows.numel()}
     return quantized
@@ -218,12 +279,20 @@ def awq_family(config) -> prunable.Family:
                                                     "({supported}), not model_type '{model_type}': use method=gptq or rtn")
 
 
+def own_family(config) -> prunable.Family:
+    """The layer layouts compress's own methods walk layer by layer (BERT and Llama families)."""
+    return prunable.by_model_type(config, prunable.FAMILIES, "quant.weight_only method=mse / gptq-mse supports "
+                                  "{supported}, not model_type '{model_type}': use method=gptq or rtn (Neural Compressor)")
+
+
 INSTALL = "pip install --no-deps neural-compressor-pt==3.10"
 
 
 def _check(cfg: QuantWeightOnly, info) -> list[str]:
     import importlib.util
 
+    if cfg.method in OWN:
+        return prunable.supported_problems(info, own_family)
     problems = [] if importlib.util.find_spec("neural_compressor") else [
         f"quant.weight_only needs Intel Neural Compressor: {INSTALL} (without its torchao dependency)"]
     return problems + (prunable.supported_problems(info, awq_family) if cfg.method == "awq" else [])
