@@ -48,10 +48,15 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
     riq = [{"pass": "quant.riq", "deviation": args.deviation}, {"pass": "export.riq", "weights": "int8"}]
     runs = {"riq": ["export.onnx", *riq], "int8": ["export.onnx", "quant.int8"],
             "int4": ["export.onnx", {"pass": "quant.int4", "block_size": 32}]}
-    if args.prune_steps:
+    if args.only_torch:
+        runs = {"riq": ["export.onnx"]}  # the fp32 reference row only
+    if args.prune_steps and not args.only_torch:
         prune = {"pass": "prune.homodistil", "heads": 0.5, "ffn": 0.5, "steps": args.prune_steps, "lr": 3e-4,
                  "max_length": 64}
         runs["pruned riq"] = [prune, "export.onnx", *riq]
+    for rounding in args.torch_rounding:  # quant.riq on the torch form, where rounding=gptq can measure inputs
+        runs[f"riq torch {rounding}"] = [{"pass": "quant.riq", "deviation": args.deviation, "rounding": rounding},
+                                         "export.riq"]
     results = {}
     for name, passes in runs.items():
         console.rule(f"{name}: {' -> '.join(p if isinstance(p, str) else p['pass'] for p in passes)}")
@@ -62,12 +67,12 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
     dense = fp32["params"]
     rows = [_row("fp32 ONNX", fp32, fp32_path.stat().st_size, dense, dense, fp32_path),
             _row("zstd-19 of fp32 ONNX", fp32, zstd_bytes(fp32_path), dense, dense, None)]
-    for name in ("int8", "int4"):
+    for name in [n for n in ("int8", "int4") if n in results]:
         stage = results[name].report["stages"][-1]
         rows.append(_row(f"{name} ({'per-channel' if name == 'int8' else 'MatMulNBits b32'})", stage,
                          stage["bytes"], dense, dense, work / name / "model.onnx"))
     files = {}
-    for name in [n for n in ("riq", "pruned riq") if n in results]:
+    for name in [n for n in ("riq", "pruned riq") if n in results and not args.only_torch]:
         res, folder = results[name], work / name.replace(" ", "_")
         q, e = _stage(res, "quant.riq"), _stage(res, "export.riq")
         params = e["riq_file"]["params"]
@@ -77,6 +82,12 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
         files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
                        "evaluations": q["riq"]["evaluations"], "float_onnx": folder / "stages" / "02-quant.riq" / "model.onnx"
                        if name == "riq" else None}
+    for name in [n for n in results if n.startswith("riq torch")]:
+        q, e = _stage(results[name], "quant.riq"), _stage(results[name], "export.riq")
+        rows.append(_row(f"{name} .riq (D={args.deviation})", q, e["riq_file"]["bytes"], e["riq_file"]["params"],
+                         dense, None))
+        files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
+                       "evaluations": q["riq"]["evaluations"]}
     return rows, files
 
 
@@ -108,7 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--torch-rounding", default="", help="comma-separated quant.riq roundings (nearest, gptq) to run "
+                                                         "on the torch form too, each a .riq row")
+    ap.add_argument("--only-torch", action="store_true", help="the --torch-rounding rows and the fp32 reference only")
     args = ap.parse_args(argv)
+    args.torch_rounding = [r for r in args.torch_rounding.split(",") if r]
 
     import torch
     from rich.console import Console
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-riq-"))
-    for sub in ("riq", "int8", "int4", "pruned_riq"):
+    for sub in ("riq", "int8", "int4", "pruned_riq", *(f"riq_torch_{r}" for r in args.torch_rounding)):
         shutil.rmtree(work / sub, ignore_errors=True)
     console = Console(stderr=True)
     rows, files = run_all(args, work, console)

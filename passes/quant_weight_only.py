@@ -321,4 +321,4 @@ def _report(stage: dict) -> list[str]:
 PASS = PassSpec(name="quant.weight_only", config=QuantWeightOnly, run=run, takes=("torch",), gives="torch",
                 needs_data=lambda cfg: cfg.method != "rtn", check=_check, check_order=_check_order,
                 report=_report, report_group="Weight-only quantization",
-                summary="Weight-only int4/int8 with Neural Compressor (RTN, GPTQ, AWQ); quant.int4 writes the codes as MatMulNBits.")
+                summary="Weight-only int4/int8: compress's GPTQ onto searched block scales (gptq-mse, mse) or Neural Compressor (RTN, GPTQ, AWQ); quant.int4 writes the codes as MatMulNBits.")

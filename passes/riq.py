@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import Field
@@ -51,6 +51,10 @@ class QuantRiq(PassConfig):
     calibration_samples: int = Field(64, ge=1, le=4096, description="training samples the output deviation is measured on")
     include: Patterns = Field(default_factory=list, description="tensor names or 're:' patterns to quantize; empty = every float tensor with > 512 elements and > 1 dim")
     exclude: Patterns = Field(default_factory=list, description="tensor names or 're:' patterns to keep in float")
+    rounding: Literal["nearest", "gptq"] = Field("nearest", description=(
+        "nearest: each weight to its nearest bin (the paper); gptq: the codes of every Linear weight chosen with "
+        "GPTQ's error feedback on the calibration inputs (same bins, lower output error, so coarser bins pass D); "
+        "torch form (quant.riq before export.onnx)"))
 
 
 
@@ -111,6 +115,8 @@ class Search:
     deviation: float
     progress: Callable[[str], None] = lambda msg: None
     trace: list[dict] = field(default_factory=list)
+    # name -> codes for (weight, bin width): another rounding onto the same bins (GPTQ); default: nearest
+    rounders: dict[str, Callable[[np.ndarray, np.float32], np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.originals:
@@ -124,7 +130,11 @@ class Search:
         weights, deltas, codes = {}, {}, {}
         for name, w in self.originals.items():
             deltas[name] = bin_width(self.norms[name], w.size, k)
-            codes[name], weights[name] = quantize(w, deltas[name])
+            if name in self.rounders:
+                codes[name] = self.rounders[name](w, deltas[name])
+                weights[name] = codes[name].astype(np.float32) * deltas[name]  # the decode rule
+            else:
+                codes[name], weights[name] = quantize(w, deltas[name])
         return weights, deltas, codes
 
     def cosine(self, k: float) -> float:
@@ -180,11 +190,13 @@ def layer_table(originals: dict[str, np.ndarray], deltas: dict[str, np.float32],
 
 def quantize_model(originals: dict[str, np.ndarray], apply: Callable[[dict[str, np.ndarray]], None],
                    outputs: Callable[[], np.ndarray], deviation: float = 0.005,
-                   progress: Callable[[str], None] = lambda msg: None) -> dict:
+                   progress: Callable[[str], None] = lambda msg: None,
+                   rounders: dict[str, Callable[[np.ndarray, np.float32], np.ndarray]] | None = None) -> dict:
     """Search k, leave the model holding the quantized weights, return what export.riq and the
-    report need: k, per-tensor deltas, codes, the layer table and the search trace."""
+    report need: k, per-tensor deltas, codes, the layer table and the search trace. `rounders`:
+    name -> codes(weight, bin width) for tensors rounded otherwise than to nearest (gptq_rounders)."""
     t0 = time.perf_counter()
-    search = Search(originals, apply, outputs, deviation, progress)
+    search = Search(originals, apply, outputs, deviation, progress, rounders=rounders or {})
     k = search.run()
     weights, deltas, codes = search.quantized(k)
     apply(weights)
@@ -222,14 +234,58 @@ def torch_tensors(model) -> dict[str, "object"]:
     return out
 
 
+class UniformBins:
+    """RIQ's bins as a GPTQ grid (passes/lib/gptq.py): one width for the whole tensor, codes unbounded."""
+
+    def __init__(self, delta: np.float32, columns: int):
+        self.delta, self.group = float(delta), columns
+
+    def fit(self, w, importance) -> tuple:
+        return ()
+
+    def round(self, w, params: tuple):
+        import torch
+
+        return torch.round(w / torch.tensor(self.delta, dtype=torch.float32)) * torch.tensor(self.delta, dtype=torch.float32)
+
+
+def gptq_rounders(model, outputs: Callable[[], np.ndarray], names: set[str]) -> dict[str, Callable]:
+    """For each nn.Linear whose weight is in `names`: its input Hessian on the calibration data (one pass of
+    `outputs()` over the unquantized model), and a rounder giving GPTQ's codes for a bin width."""
+    import torch
+
+    from compress.passes.lib.gptq import Hessians, gptq
+
+    linears = {f"{n}.weight": m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and f"{n}.weight" in names}
+    hess = Hessians(linears)
+    try:
+        with torch.no_grad():
+            outputs()
+    finally:
+        hess.close()
+    hessians = hess.result()
+
+    def rounder(name: str) -> Callable[[np.ndarray, np.float32], np.ndarray]:
+        def codes(w: np.ndarray, delta: np.float32) -> np.ndarray:
+            rounded = gptq(torch.from_numpy(w).float(), hessians[name], UniformBins(delta, w.shape[1]))
+            return np.rint(rounded.weight.numpy() / delta).astype(np.int32)
+        return codes
+
+    return {name: rounder(name) for name in linears}
+
+
 def quantize_module(model, outputs: Callable[[], np.ndarray], deviation: float = 0.005, include: list[str] = (),
-                    exclude: list[str] = (), progress: Callable[[str], None] = lambda msg: None) -> dict:
+                    exclude: list[str] = (), progress: Callable[[str], None] = lambda msg: None,
+                    rounding: str = "nearest") -> dict:
     """RIQ on any torch module in place: `outputs()` runs the calibration data through `model`
-    and returns 2-D rows (e.g. a CNN's logits on calibration images)."""
+    and returns 2-D rows (e.g. a CNN's logits on calibration images). rounding="gptq": the Linear
+    weights' codes by GPTQ onto the same bins (gptq_rounders)."""
     import torch
 
     params = {n: t for n, t in torch_tensors(model).items()
               if t.is_floating_point() and eligible(n, t.detach().cpu().numpy(), include, exclude)}
+    rounders = gptq_rounders(model, outputs, set(params)) if rounding == "gptq" else None
 
     def apply(weights: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
@@ -237,7 +293,7 @@ def quantize_module(model, outputs: Callable[[], np.ndarray], deviation: float =
                 params[name].copy_(torch.from_numpy(w))
 
     originals = {n: t.detach().cpu().numpy().copy() for n, t in params.items()}
-    return quantize_model(originals, apply, outputs, deviation, progress)
+    return quantize_model(originals, apply, outputs, deviation, progress, rounders)
 
 
 def _run_torch(model, kind: str, pooling: str, cfg: QuantRiq, feeds: list, progress) -> tuple[Any, dict]:
@@ -251,7 +307,7 @@ def _run_torch(model, kind: str, pooling: str, cfg: QuantRiq, feeds: list, progr
     def outputs() -> np.ndarray:
         return np.concatenate([_rows(kind, run(f), f["attention_mask"]) for f in feeds])
 
-    result = quantize_module(model, outputs, cfg.deviation, cfg.include, cfg.exclude, progress)
+    result = quantize_module(model, outputs, cfg.deviation, cfg.include, cfg.exclude, progress, cfg.rounding)
     return model, result
 
 
@@ -354,6 +410,9 @@ def _check_order(cfg: QuantRiq, form: str | None, earlier: list) -> list[str]:
     none and fails at run time, so that order is refused before any work starts."""
     from compress.passes.lib.quantized import int8_weights_before
 
+    if cfg.rounding == "gptq" and form not in (None, "torch"):
+        return [f"quant.riq rounding=gptq needs the torch form (it measures each Linear's inputs), but the model is "
+                f"{form} here: put quant.riq before export.onnx, or use rounding=nearest"]
     int8 = int8_weights_before(earlier)
     if int8 is None:
         return []

@@ -186,3 +186,51 @@ def test_cli_decode_writes_a_runnable_onnx(tiny_bert, text_file, tmp_path, fast)
     sess = ort.InferenceSession(str(tmp_path / "dec" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert {o.name for o in sess.get_outputs()} >= {"last_hidden_state", "sentence_embedding"}
     assert "decoded" in result.output
+
+
+def test_gptq_rounding_keeps_the_bins_and_loses_less_at_the_same_k(tiny_bert_sharp, text_file):
+    """rounding=gptq: the same bin width per tensor, codes chosen with error feedback: at every k the
+    calibration cosine is at least nearest rounding's (coarser bins then pass D), and the codes times the bin
+    width are the weights the model holds (the decode rule)."""
+    import copy
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from compress.runtime import TorchRunner, batches
+
+    base = AutoModel.from_pretrained(tiny_bert_sharp).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert_sharp)
+    feeds = list(batches(tok, text_file.read_text().splitlines()[:16], 64))
+
+    def search(rounding: str):
+        model = copy.deepcopy(base)
+        run = TorchRunner(model, "encoder")
+        outputs = lambda: np.concatenate([run(f) for f in feeds])  # noqa: E731
+        params = {n: t for n, t in riq.torch_tensors(model).items() if riq.eligible(n, t.detach().numpy())}
+        rounders = riq.gptq_rounders(model, outputs, set(params)) if rounding == "gptq" else {}
+
+        def apply(weights):
+            with torch.no_grad():
+                for name, w in weights.items():
+                    params[name].copy_(torch.from_numpy(w))
+
+        originals = {n: t.detach().numpy().copy() for n, t in params.items()}
+        return riq.Search(originals, apply, outputs, 0.01, rounders=rounders), rounders
+
+    nearest, _ = search("nearest")
+    gptq, rounders = search("gptq")
+    assert rounders and all(name.endswith(".weight") for name in rounders)
+    for k in (20.0, 40.0, 80.0):
+        assert gptq.cosine(k) >= nearest.cosine(k) - 1e-6
+    assert sum(1 - gptq.cosine(k) for k in (20.0, 40.0)) < 0.8 * sum(1 - nearest.cosine(k) for k in (20.0, 40.0))
+    weights, deltas, codes = gptq.quantized(40.0)
+    name = next(iter(rounders))
+    assert np.array_equal(weights[name], codes[name].astype(np.float32) * deltas[name])
+    assert not np.array_equal(codes[name], nearest.quantized(40.0)[2][name])  # not nearest rounding
+
+
+def test_gptq_rounding_after_export_is_refused_before_work(tiny_bert, text_file, tmp_path, fast):
+    with pytest.raises(ConfigError, match="rounding=gptq needs the torch form"):
+        Pipeline(["export.onnx", {"pass": "quant.riq", "rounding": "gptq"}]).run(str(tiny_bert), str(text_file),
+                                                                               tmp_path / "o", **fast)
