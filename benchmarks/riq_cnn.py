@@ -11,7 +11,7 @@ zstd-19 of it, and onnxruntime's int8 (dynamic, per-channel) of the ONNX export.
 - EfficientNet-Lite0: top-1 agreement with fp32 on the 10 colour photos of scikit-learn / scikit-image
   (calibration on their mirror images, so not the evaluated inputs), and mean logit cosine.
 
-    python benchmarks/riq_cnn.py [--deviations 0.005,0.02,0.05] [--vgg-dir DIR] [--workdir DIR]
+    python benchmarks/riq_cnn.py [--deviations 0.005,0.02,0.05] [--rounding nearest,gptq] [--vgg-dir DIR] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _fp32_rows(model, example, work: Path, tag: str, score_torch, score_onnx) ->
             {"format": "int8 per-channel (ORT dynamic)", "bytes": int8_path.stat().st_size, **score_onnx(int8_path)}], onnx_path
 
 
-def _riq_row(model, calib, deviation: float, work: Path, tag: str, score_torch) -> dict:
+def _riq_row(model, calib, deviation: float, work: Path, tag: str, score_torch, rounding: str = "nearest") -> dict:
     import torch
 
     from compress.exporters import riq_format
@@ -72,9 +72,9 @@ def _riq_row(model, calib, deviation: float, work: Path, tag: str, score_torch) 
             return torch.cat([m(xb) for xb in calib.split(256)]).numpy()
 
     try:
-        result = quantize_module(m, outputs, deviation)
+        result = quantize_module(m, outputs, deviation, rounding=rounding)
     except InfeasibleDeviation as exc:  # a finding, not a crash: the row says how close the finest bins came
-        return {"format": f"RIQ D={deviation}: infeasible (finest bins: cosine {exc.best_cosine:.4f})"}
+        return {"format": f"RIQ D={deviation} ({rounding}): infeasible (finest bins: cosine {exc.best_cosine:.4f})"}
     tensors, meta = module_container(m, {n: float(d) for n, d in result["deltas"].items()})
     path = work / f"{tag}_D{deviation}.riq"
     t0 = time.perf_counter()
@@ -84,7 +84,8 @@ def _riq_row(model, calib, deviation: float, work: Path, tag: str, score_torch) 
     t2 = time.perf_counter()
     state = {k: v.detach().numpy() for k, v in m.state_dict().items()}
     exact = all(back[k].tobytes() == state[k].tobytes() for k in back) and back.keys() <= state.keys()
-    return {"format": f"RIQ D={deviation}", "bytes": stats["file_bytes"], "k": result["k"],
+    label = f"RIQ D={deviation}" + (f" ({rounding})" if rounding != "nearest" else "")
+    return {"format": label, "bytes": stats["file_bytes"], "k": result["k"],
             "calibration_cosine": result["calibration_cosine"], "bits_entropy": result["entropy_bits_per_weight"],
             "evaluations": result["evaluations"], "search_s": result["search_seconds"], "encode_s": t1 - t0,
             "decode_s": t2 - t1, "bit_exact": exact, **score_torch(m)}
@@ -113,7 +114,8 @@ def mnist_vgg(args, work: Path) -> dict[str, list[dict]]:
     for variant in ("dense", "pruned"):
         model = mv.load_vgg(args.vgg_dir / f"vgg_{variant}.safetensors")
         rows, _ = _fp32_rows(model, x_te[:2], work, f"vgg_{variant}", score_torch, score_onnx)
-        rows += [_riq_row(model, calib, d, work, f"vgg_{variant}", score_torch) for d in args.deviations]
+        rows += [_riq_row(model, calib, d, work, f"vgg_{variant}_{r}", score_torch, r)
+                 for r in args.rounding for d in args.deviations]
         out[f"MNIST VGG {variant}"] = _with_ratios(rows, _params(model))
         print_table(f"MNIST VGG {variant}", out[f"MNIST VGG {variant}"])
     return out
@@ -147,7 +149,8 @@ def efficientnet(args, work: Path) -> dict[str, list[dict]]:
         return score(sess.run(None, {"x": x.numpy()})[0])
 
     rows, _ = _fp32_rows(model, x[:1], work, "effnet_lite0", score_torch, score_onnx)
-    rows += [_riq_row(model, calib, d, work, "effnet_lite0", score_torch) for d in args.deviations]
+    rows += [_riq_row(model, calib, d, work, f"effnet_lite0_{r}", score_torch, r)
+             for r in args.rounding for d in args.deviations]
     name = f"EfficientNet-Lite0 ({len(names)} photos)"
     print_table(name, _with_ratios(rows, _params(model)))
     return {name: rows}
@@ -184,12 +187,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deviations", default="0.005,0.02,0.05", help="comma-separated D values")
     ap.add_argument("--vgg-dir", type=Path, default=None, help="folder from examples/mnist_vgg.py (else trained here)")
+    ap.add_argument("--rounding", default="nearest", help="comma-separated quant.riq roundings: nearest (the paper), "
+                                                          "gptq (GPTQ's codes onto the same bins)")
     ap.add_argument("--skip-vgg", action="store_true")
     ap.add_argument("--skip-efficientnet", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
     args.deviations = [float(d) for d in args.deviations.split(",")]
+    args.rounding = [r for r in args.rounding.split(",") if r]
 
     import torch
 

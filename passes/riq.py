@@ -52,9 +52,9 @@ class QuantRiq(PassConfig):
     include: Patterns = Field(default_factory=list, description="tensor names or 're:' patterns to quantize; empty = every float tensor with > 512 elements and > 1 dim")
     exclude: Patterns = Field(default_factory=list, description="tensor names or 're:' patterns to keep in float")
     rounding: Literal["nearest", "gptq"] = Field("nearest", description=(
-        "nearest: each weight to its nearest bin (the paper); gptq: the codes of every Linear weight chosen with "
-        "GPTQ's error feedback on the calibration inputs (same bins, lower output error, so coarser bins pass D); "
-        "torch form (quant.riq before export.onnx)"))
+        "nearest: each weight to its nearest bin (the paper); gptq: the codes of every Linear / Conv2d weight chosen "
+        "with GPTQ's error feedback on the calibration inputs (same bins, lower output error, so coarser bins pass "
+        "D); torch form (quant.riq before export.onnx)"))
 
 
 
@@ -250,14 +250,15 @@ class UniformBins:
 
 
 def gptq_rounders(model, outputs: Callable[[], np.ndarray], names: set[str]) -> dict[str, Callable]:
-    """For each nn.Linear whose weight is in `names`: its input Hessian on the calibration data (one pass of
-    `outputs()` over the unquantized model), and a rounder giving GPTQ's codes for a bin width."""
+    """For each nn.Linear / nn.Conv2d whose weight is in `names`: its input Hessian on the calibration data
+    (one pass of `outputs()` over the unquantized model; a convolution's input patches), and a rounder giving
+    GPTQ's codes for a bin width (a convolution's weight as (out channels, the rest))."""
     import torch
 
     from compress.passes.lib.gptq import Hessians, gptq
 
     linears = {f"{n}.weight": m for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and f"{n}.weight" in names}
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and f"{n}.weight" in names}
     hess = Hessians(linears)
     try:
         with torch.no_grad():
@@ -268,8 +269,9 @@ def gptq_rounders(model, outputs: Callable[[], np.ndarray], names: set[str]) -> 
 
     def rounder(name: str) -> Callable[[np.ndarray, np.float32], np.ndarray]:
         def codes(w: np.ndarray, delta: np.float32) -> np.ndarray:
-            rounded = gptq(torch.from_numpy(w).float(), hessians[name], UniformBins(delta, w.shape[1]))
-            return np.rint(rounded.weight.numpy() / delta).astype(np.int32)
+            matrix = torch.from_numpy(w).float().reshape(w.shape[0], -1)
+            rounded = gptq(matrix, hessians[name], UniformBins(delta, matrix.shape[1]), zeros=matrix == 0)  # zeros stay
+            return np.rint(rounded.weight.numpy() / delta).astype(np.int32).reshape(w.shape)
         return codes
 
     return {name: rounder(name) for name in linears}

@@ -118,10 +118,12 @@ def _inverse_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
                      "calibration text (samples / max_length)")
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, percdamp: float = 0.01, block: int = 128) -> Rounded:
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, percdamp: float = 0.01, block: int = 128,
+         zeros: torch.Tensor | None = None) -> Rounded:
     """GPTQ of one (N, K) weight onto `grid` given its (K, K) input Hessian. Each group's grid parameters
     are fitted on the group's weights as the earlier columns' errors have left them (importance: H's
-    diagonal); columns are taken in order (groups stay contiguous, as MatMulNBits' blocks are)."""
+    diagonal); columns are taken in order (groups stay contiguous, as MatMulNBits' blocks are).
+    `zeros` (N, K) bool: weights that stay exactly 0 (pruned: SparseGPT's mask), their error fed forward too."""
     n, k = weight.shape
     g = grid.group
     block = max(g, block // g * g)  # a lazy-update block holds whole groups
@@ -141,6 +143,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, percdamp: floa
                 cols = slice(i, min(i + g, i2 - i1))
                 params.append(grid.fit(w1[:, cols].float(), importance[i1 + cols.start:i1 + cols.stop]))
             q = grid.round(w1[:, i].float(), params[-1]).double()
+            if zeros is not None:
+                q = q.masked_fill(zeros[:, i1 + i], 0.0)
             out[:, i1 + i] = q
             e = (w1[:, i] - q) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None]
@@ -174,18 +178,36 @@ def block_codes(rounded: Rounded, grid: BlockGrid) -> tuple[torch.Tensor, torch.
     return codes.to(torch.uint8), scales.contiguous(), zeros.to(torch.uint8)
 
 
-class Hessians:
-    """Accumulates H = X^T X / tokens of the inputs of Linear layers (forward hooks; calibration windows
-    are full text, no padding)."""
+def columns_of(module: torch.nn.Module) -> int:
+    """Input columns of a layer's weight seen as a matrix: a Linear's in_features, a Conv2d's
+    in_channels / groups x kernel height x kernel width (its weight reshaped to (out, -1))."""
+    if isinstance(module, torch.nn.Conv2d):
+        return module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    return module.in_features
 
-    def __init__(self, linears: dict[str, torch.nn.Linear]):
-        self.sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
+
+def _rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of its weight's columns: a Conv2d's input unfolded into patches (one row
+    per output position; grouped convolutions: the groups' patches stacked, each group's own H summed)."""
+    if isinstance(module, torch.nn.Conv2d):
+        patches = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        g, cols = module.groups, columns_of(module)
+        return patches.view(x.shape[0], g, cols, -1).permute(0, 1, 3, 2).reshape(-1, cols)
+    return x.reshape(-1, x.shape[-1])
+
+
+class Hessians:
+    """Accumulates H = X^T X / rows of the inputs of Linear (and Conv2d: patches) layers with forward hooks;
+    calibration windows are full text, no padding."""
+
+    def __init__(self, linears: dict[str, torch.nn.Module]):
+        self.sums = {name: torch.zeros(columns_of(m), columns_of(m), dtype=torch.float64) for name, m in linears.items()}
         self.count = dict.fromkeys(linears, 0)
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = _rows(module, args[0].detach()).double()
             self.sums[name] += x.T @ x
             self.count[name] += x.shape[0]
         return hook
