@@ -14,7 +14,8 @@ The pass searches the smallest k (coarsest bins) whose quantized model keeps the
 cosine against the unquantized model >= 1 - D on calibration text from the state (training part,
 never the held-out part): a coarse-to-fine scan from k_lo = sqrt(n_max/24)/(1-eps) with step
 s = sqrt(k_hi - k_lo), narrowing s <- sqrt(s) below each first feasible k until s <= 3 (a few
-dozen forward passes). During the search the size is estimated by the codes' empirical entropy.
+dozen forward passes). When k_lo itself meets D (the paper's grid ends there; a pruned VGG did), the
+scan goes on below it in steps of 0.8x down to k_lo / 16, then bisects to within 3%. During the search the size is estimated by the codes' empirical entropy.
 
 Quantized: floating tensors with > 512 elements and > 1 dimension (embeddings included), or the
 subset chosen by `include` / `exclude` (names or `re:` patterns). Zeros stay exactly zero, so
@@ -41,6 +42,7 @@ from compress.report import DASH, fmt, md_table, stage_label
 from compress.state import ModelState
 
 EPS = 0.01
+BELOW_STEP, BELOW_FLOOR = 0.8, 1 / 16  # the scan below k_lo (Search._below)
 MIN_ELEMENTS = 512
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -170,9 +172,26 @@ class Search:
                     break
                 k += step
             best = k_hi if best is None else best  # only k_hi itself was feasible
-            if best <= k_lo or step <= 3:
+            if best <= k_lo:
+                return self._below(k_lo)
+            if step <= 3:
                 return best
             start, step = max(k_lo, best - step), math.sqrt(step)
+
+    def _below(self, k_lo: float) -> float:
+        """k_lo itself meets D, where the paper's grid ends (the largest tensor's bins are then about 5 of its rms
+        wide): keep coarsening by BELOW_STEP while D holds, down to k_lo * BELOW_FLOOR, then bisect between the last
+        feasible k and the first infeasible one to within 3%. Feasibility is measured, as everywhere."""
+        good, k = k_lo, k_lo * BELOW_STEP
+        while k >= k_lo * BELOW_FLOOR and self.feasible(k):
+            good, k = k, k * BELOW_STEP
+        if k < k_lo * BELOW_FLOOR:
+            return good
+        bad = k
+        while good / bad > 1.03:
+            mid = math.sqrt(good * bad)
+            good, bad = (mid, bad) if self.feasible(mid) else (good, mid)
+        return good
 
 
 def layer_table(originals: dict[str, np.ndarray], deltas: dict[str, np.float32],

@@ -280,3 +280,20 @@ def test_gptq_rounding_of_a_pruned_cnn_keeps_every_zero_and_lowers_the_error():
 
         ratios.append(layer_error(codes.astype(np.float32) * delta) / layer_error(riq.quantize(w, delta)[1]))
     assert max(ratios) < 1 and np.mean(ratios) < 0.8  # measured: 0.99 (3 x 3 x 3 inputs, half pruned), 0.86, 0.37
+
+
+def test_when_k_lo_meets_d_the_search_goes_below_it_to_the_coarsest_feasible_k():
+    """The paper's grid ends at k_lo; a model with room left (here a loose D) is coarsened further while D holds,
+    and the k returned is feasible with the next coarser k tried (within 3%) infeasible."""
+    rng = np.random.default_rng(0)
+    originals = {"w": rng.standard_normal((64, 64)).astype(np.float32)}
+    held = {}
+    search = riq.Search(originals, held.update, lambda: held.get("w", originals["w"]), deviation=0.95)
+
+    k = search.run()
+
+    k_lo = np.sqrt(originals["w"].size / 24) / (1 - riq.EPS)
+    assert k < k_lo and search.feasible(k)
+    coarser = [t for t in search.trace if t["k"] < round(k, 3)]
+    assert coarser and all(t["cosine"] < 0.05 for t in coarser)
+    assert max(t["k"] for t in coarser) > k / 1.031
