@@ -71,11 +71,11 @@ class QuantWeightOnly(PassConfig):
     bits: Literal[4, 8] = Field(4, description="bits per weight")
     group_size: BlockSize = Field(32, ge=16, le=256, description="input weights sharing one scale (power of two, >= 16)")
     symmetric: bool = Field(False, description="symmetric blocks (zero point fixed at the middle code)")
-    samples: int = Field(32, ge=1, le=4096, description="gptq / awq: calibration windows of max_length tokens")
-    max_length: int = Field(256, ge=16, le=8192, description="gptq / awq: tokens per calibration window")
-    percdamp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian diagonal (fraction of its mean)")
+    samples: int = Field(32, ge=1, le=4096, description="every method but rtn: calibration windows of max_length tokens")
+    max_length: int = Field(256, ge=16, le=8192, description="every method but rtn: tokens per calibration window")
+    percdamp: float = Field(0.01, gt=0, lt=1, description="gptq / gptq-mse: dampening added to the Hessian diagonal (fraction of its mean)")
     candidates: int = Field(20, ge=1, le=200, description=(
-        "mse / gptq-mse: clipping ratios tried per block (from 1 down to 0.6); 1 = plain min/max"))
+        "mse / gptq-mse: clipping ratios tried per block (from 1 down to 0.6); 1 = no clipping"))
     lm_head: bool = Field(False, description=(
         "mse / gptq-mse: also quantize the lm_head (first, so the layers after see it; a tied embedding shares "
         "it): for a graph whose tied matrix is stored once in 4 bits (quant.int4 lm_head_bits=4 embeddings=true)"))
@@ -173,7 +173,8 @@ def _own_quantize(model: torch.nn.Module, cfg: QuantWeightOnly, windows: torch.T
     tensors: dict[str, torch.Tensor] = {}
     for name, (r, _) in rounded.items():
         codes, scales, zp = block_codes(r, grid)
-        modules[name].weight.data.copy_(dequantize(codes, scales, zp, cfg.group_size))
+        if not torch.equal(modules[name].weight.data, dequantize(codes, scales, zp, cfg.group_size)):
+            raise AssertionError(f"{name}: the rounded weight is not its codes' dequantized value bit for bit")
         tensors.update({f"{name}.codes": codes, f"{name}.scales": scales, f"{name}.zero_points": zp})
     errors = sorted(e for _, e in rounded.values())
     error = {"median": errors[len(errors) // 2], "worst": errors[-1]}
@@ -256,7 +257,8 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: QuantW
                 quantized = _inc_quantize(copy.deepcopy(model).float().eval(), cfg, windows, kind.is_generative)
             tensors = _to_linears(quantized, cfg.group_size, biased)
         if not tensors:
-            raise ValueError("Neural Compressor quantized no Linear layer of this model (nothing to carry into MatMulNBits)")
+            raise ValueError(f"quant.weight_only {cfg.method} quantized no Linear layer of this model (nothing to carry into "
+                         "MatMulNBits)")
         if ctx is not None or workdir is not None:
             save_file(tensors, str(c.workdir / CODES_FILE))
     if notes is not None:
@@ -293,6 +295,9 @@ def _check(cfg: QuantWeightOnly, info) -> list[str]:
 
     if cfg.method in OWN:
         return prunable.supported_problems(info, own_family)
+    if cfg.lm_head:
+        return [f"quant.weight_only lm_head=true is for method=mse or gptq-mse (compress's own); {cfg.method} (Neural "
+                "Compressor) keeps the lm_head float: drop lm_head, or use method=gptq-mse"]
     problems = [] if importlib.util.find_spec("neural_compressor") else [
         f"quant.weight_only needs Intel Neural Compressor: {INSTALL} (without its torchao dependency)"]
     return problems + (prunable.supported_problems(info, awq_family) if cfg.method == "awq" else [])

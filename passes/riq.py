@@ -155,7 +155,7 @@ class Search:
         return self.cosine(k) >= 1.0 - self.deviation
 
     def run(self) -> float:
-        """Smallest feasible k on the paper's coarse-to-fine grid."""
+        """Smallest feasible k on the paper's coarse-to-fine grid, or below its end (_below) when k_lo is feasible."""
         root = math.sqrt(max(w.size for w in self.originals.values()) / 24.0)
         k_lo, k_hi = root / (1 - EPS), root / EPS**1.5
         step, start, best = math.sqrt(k_hi - k_lo), k_lo, None
@@ -257,7 +257,8 @@ class UniformBins:
     """RIQ's bins as a GPTQ grid (passes/lib/gptq.py): one width for the whole tensor, codes unbounded."""
 
     def __init__(self, delta: np.float32, columns: int):
-        self.delta, self.group = float(delta), columns
+        # fit() has nothing to fit, so the group only sets GPTQ's lazy-update block: 128 columns, the same result
+        self.delta, self.group = float(delta), min(columns, 128)
 
     def fit(self, w, importance) -> tuple:
         return ()
@@ -266,6 +267,15 @@ class UniformBins:
         import torch
 
         return torch.round(w / torch.tensor(self.delta, dtype=torch.float32)) * torch.tensor(self.delta, dtype=torch.float32)
+
+
+def _plain_conv(module) -> bool:
+    """A Conv2d whose input patches F.unfold gives as the layer sees them (numeric zero padding); a grouped
+    or depthwise one gets one H summed over its groups (an approximation: each group sees its own channels)."""
+    import torch
+
+    return (isinstance(module, torch.nn.Conv2d) and not isinstance(module.padding, str)
+            and module.padding_mode == "zeros")
 
 
 def gptq_rounders(model, outputs: Callable[[], np.ndarray], names: set[str]) -> dict[str, Callable]:
@@ -277,8 +287,8 @@ def gptq_rounders(model, outputs: Callable[[], np.ndarray], names: set[str]) -> 
     from compress.passes.lib.gptq import Hessians, gptq
 
     linears = {f"{n}.weight": m for n, m in model.named_modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and f"{n}.weight" in names}
-    hess = Hessians(linears)
+               if (isinstance(m, torch.nn.Linear) or _plain_conv(m)) and f"{n}.weight" in names}
+    hess = Hessians(linears, root=model)  # padding tokens stay out of H
     try:
         with torch.no_grad():
             outputs()
@@ -300,8 +310,8 @@ def quantize_module(model, outputs: Callable[[], np.ndarray], deviation: float =
                     exclude: list[str] = (), progress: Callable[[str], None] = lambda msg: None,
                     rounding: str = "nearest") -> dict:
     """RIQ on any torch module in place: `outputs()` runs the calibration data through `model`
-    and returns 2-D rows (e.g. a CNN's logits on calibration images). rounding="gptq": the Linear
-    weights' codes by GPTQ onto the same bins (gptq_rounders)."""
+    and returns 2-D rows (e.g. a CNN's logits on calibration images). rounding="gptq": the Linear and
+    Conv2d weights' codes by GPTQ onto the same bins (gptq_rounders)."""
     import torch
 
     params = {n: t for n, t in torch_tensors(model).items()

@@ -116,3 +116,9 @@ def test_the_builder_graph_takes_the_recorded_lm_head_and_shares_it_with_the_emb
     assert int4["weight_only"]["written"] == int4["weight_only"]["layers"] == 15
     assert int4["weight_only"]["matmuls"] == 2 * 5 + 1  # qkv, o, gate, up, down per layer, and the lm_head
     assert set(int4["quantized_embeddings"].values()) == {"shared"}
+
+
+def test_lm_head_with_a_neural_compressor_method_is_refused_up_front(tiny_llama16, text_file, tmp_path, fast):
+    with pytest.raises(UserError, match="lm_head=true is for method=mse or gptq-mse"):
+        Pipeline([{"pass": "quant.weight_only", "method": "rtn", "lm_head": True}]).run(
+            str(tiny_llama16), str(text_file), tmp_path / "o", **fast)

@@ -297,3 +297,29 @@ def test_when_k_lo_meets_d_the_search_goes_below_it_to_the_coarsest_feasible_k()
     coarser = [t for t in search.trace if t["k"] < round(k, 3)]
     assert coarser and all(t["cosine"] < 0.05 for t in coarser)
     assert max(t["k"] for t in coarser) > k / 1.031
+
+
+def test_gptq_hessians_leave_padding_tokens_out():
+    """A padded batch's H equals the H of its real tokens alone (the attention mask the model is called with)."""
+    import torch
+
+    from compress.passes.lib.gptq import Hessians
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x, attention_mask=None):
+            return self.lin(x)
+
+    model = Tiny()
+    x = torch.randn(2, 3, 4)
+    x[1, 2] = 1000.0  # a padding position
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    hess = Hessians({"lin": model.lin}, root=model)
+    model(x, attention_mask=mask)
+    hess.close()
+    real = x[mask.bool()].double()
+
+    assert torch.allclose(hess.result()["lin"], real.T @ real / 5)

@@ -5,9 +5,9 @@ A Linear's weight W (N outputs, K inputs) sees inputs X; the output error of a r
 tr((W - W') H (W - W')^T) with H = X^T X / tokens. GPTQ rounds one input column at a time and moves
 that column's rounding error onto the columns not rounded yet, weighted by the inverse Hessian (its
 upper Cholesky factor), so later columns absorb what earlier ones lost. The grid is a parameter:
-`BlockGrid` (4-bit blocks of `group` input weights, a scale per block and row, searched to minimise the
-activation-weighted error: llama.cpp's importance-matrix idea) or any object with the same two methods
-(RIQ's uniform bins: passes/riq.py). `hessians` collects H for a module's Linear layers on calibration
+`BlockGrid` (blocks of `group` input weights at `bits` bits, a scale per block and row, searched to minimise
+the activation-weighted error: llama.cpp's importance-matrix idea) or any object with the same two methods
+(RIQ's uniform bins: passes/riq.py). `Hessians` collects H for Linear and Conv2d layers on calibration
 inputs; `gptq` rounds one weight; `rtn` is the same grid without error feedback (the baseline)."""
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ class BlockGrid:
     point) per row and block of `group` input columns. Symmetric: the zero point is 2^(bits-1) and the
     scale may be negative (the block's extreme may sit on either end, as onnxruntime's own quantizer
     does). The scale is searched over `candidates` clipping ratios from 1 down to `lowest` (1 candidate =
-    plain min/max, what round-to-nearest quantizers use), keeping per row the one with the least
-    importance-weighted squared error."""
+    no clipping: the block's min / max), keeping per row the one with the least
+    importance-weighted squared error. Symmetric blocks try the extreme on either end even with one
+    candidate (onnxruntime's quantizer puts it on code 0 only)."""
 
     bits: int = 4
     group: int = 32
@@ -197,17 +198,28 @@ def _rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Hessians:
-    """Accumulates H = X^T X / rows of the inputs of Linear (and Conv2d: patches) layers with forward hooks;
-    calibration windows are full text, no padding."""
+    """Accumulates H = X^T X / rows of the inputs of Linear (and Conv2d: patches) layers with forward hooks, on
+    the CPU in float64. `root`: the model the calibration batches go into; the `attention_mask` it is called
+    with keeps padding tokens out of H (a Linear's input of shape (batch, seq, features) is masked)."""
 
-    def __init__(self, linears: dict[str, torch.nn.Module]):
+    def __init__(self, linears: dict[str, torch.nn.Module], root: torch.nn.Module | None = None):
         self.sums = {name: torch.zeros(columns_of(m), columns_of(m), dtype=torch.float64) for name, m in linears.items()}
         self.count = dict.fromkeys(linears, 0)
+        self.mask: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+        if root is not None:
+            self.handles.append(root.register_forward_pre_hook(self._batch, with_kwargs=True))
+
+    def _batch(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self.mask = None if mask is None else torch.as_tensor(mask).bool()
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = _rows(module, args[0].detach()).double()
+            x = args[0].detach()
+            if self.mask is not None and isinstance(module, torch.nn.Linear) and x.shape[:-1] == self.mask.shape:
+                x = x[self.mask.to(x.device)]  # real tokens only
+            x = _rows(module, x).double().cpu()
             self.sums[name] += x.T @ x
             self.count[name] += x.shape[0]
         return hook
