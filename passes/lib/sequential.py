@@ -29,7 +29,7 @@ def _stages(model: nn.Module, lm_head: bool) -> list[tuple[str, dict[str, nn.Lin
         stages.append(("lm_head", {names[id(head)]: head}, None))
     fam = prunable.family_of(model.config)
     for i, layer in enumerate(prunable.layers(model, fam)):
-        lins = {names[id(lin)]: lin for lin in _layer_linears(layer)}
+        lins = {names[id(lin)]: lin for lin in prunable.linears(layer, fam).values()}
         stages.append((f"layer {i}", lins, layer))
     return stages
 
@@ -37,10 +37,6 @@ def _stages(model: nn.Module, lm_head: bool) -> list[tuple[str, dict[str, nn.Lin
 def stage_count(model: nn.Module, lm_head: bool) -> int:
     """How many calibration forwards `quantize` makes (one per layer, one for the lm_head)."""
     return len(_stages(model, lm_head))
-
-
-def _layer_linears(layer: nn.Module) -> list[nn.Linear]:
-    return [m for m in layer.modules() if isinstance(m, nn.Linear)]
 
 
 def _calibrate(model: nn.Module, windows: torch.Tensor, stop_at: nn.Module | None, hess: Hessians,
