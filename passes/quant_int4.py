@@ -408,6 +408,7 @@ def _check_order(cfg: QuantInt4, form: str | None, earlier: list) -> list[str]:
     after quant.weight_only (the first wrote the recorded codes; the second finds none of them). A pass
     that changes only some weights in between (pruning) is allowed: the run counts the MatMuls whose
     codes still fit and fails with a message when none are left."""
+    from compress.passes.lib import sequential
     from compress.passes.lib.quantized import int8_weights_before
 
     int8 = int8_weights_before(earlier)
@@ -423,7 +424,7 @@ def _check_order(cfg: QuantInt4, form: str | None, earlier: list) -> list[str]:
     if again:
         return [f"quant.int4 runs twice after quant.weight_only (also passes[{again[0]}]): the first writes the recorded "
                 "codes, and the second finds none of them and fails; keep one quant.int4"]
-    if (wo is not None and getattr(earlier[wo], "lm_head", False) and earlier[wo].method in ("mse", "gptq-mse")
+    if (wo is not None and getattr(earlier[wo], "lm_head", False) and earlier[wo].method in sequential.METHODS
             and (not cfg.lm_head or cfg.lm_head_bits != earlier[wo].bits)):
         return [f"quant.weight_only (passes[{wo}]) rounded the lm_head to {earlier[wo].bits} bits, and quant.int4 writes "
                 f"those codes, so its lm_head={str(cfg.lm_head).lower()} lm_head_bits={cfg.lm_head_bits} cannot apply: "

@@ -24,8 +24,8 @@ exports as a normal transformers model, and its outputs are the quantized model'
 scales and zero points are kept (weight_only.safetensors in the stage folder); after export.onnx,
 quant.int4 finds the MatMuls whose weights are bit-for-bit those dequantized values and writes them
 as MatMulNBits with these codes, so GPTQ's / AWQ's choices, not a fresh rounding, reach the ONNX
-file. The lm_head stays float here unless lm_head=true (mse / gptq-mse; quant.int4's lm_head options apply to it otherwise). Run export.onnx and
-quant.int4 in the same run: a model saved after this pass holds the dequantized fp32 weights only,
+file. The lm_head stays float here (quant.int4's lm_head options apply to it) unless lm_head=true
+with mse / gptq-mse. Run export.onnx and quant.int4 in the same run: a model saved after this pass holds the dequantized fp32 weights only,
 and a later quant.int4 would round them afresh (to the same grid only where a block uses its end codes).
 When to use: decoder LLMs going to int4 where round-to-nearest loses too much perplexity.
 Measured (SmolLM2-135M, asymmetric group 32, 26 windows of 128 wiki training tokens, then export.onnx
@@ -48,7 +48,7 @@ from torch import nn
 
 from compress.config import BlockSize, PassConfig
 from compress.context import PassContext
-from compress.passes.lib import bare, prunable
+from compress.passes.lib import bare, prunable, sequential
 from compress.passes.lib.quantized import dequantize
 from compress.passes.lib.quiet import quiet_root_logger
 from compress.registry import PassSpec
@@ -143,7 +143,7 @@ def _inc_quantize(model: torch.nn.Module, cfg: QuantWeightOnly, windows: torch.T
         return convert(model)
 
 
-OWN = {"mse": "rtn", "gptq-mse": "gptq"}  # compress's own methods -> sequential.quantize's rounding
+OWN = sequential.METHODS  # compress's own methods -> sequential.quantize's rounding
 
 
 def _own_quantize(model: torch.nn.Module, cfg: QuantWeightOnly, windows: torch.Tensor, kind: Any,
@@ -154,7 +154,6 @@ def _own_quantize(model: torch.nn.Module, cfg: QuantWeightOnly, windows: torch.T
     output error of a layer on the calibration tokens."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from compress.passes.lib import sequential
     from compress.passes.lib.gptq import BlockGrid, block_codes
 
     grid = BlockGrid(cfg.bits, cfg.group_size, cfg.symmetric, cfg.candidates)

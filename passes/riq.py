@@ -15,7 +15,8 @@ cosine against the unquantized model >= 1 - D on calibration text from the state
 never the held-out part): a coarse-to-fine scan from k_lo = sqrt(n_max/24)/(1-eps) with step
 s = sqrt(k_hi - k_lo), narrowing s <- sqrt(s) below each first feasible k until s <= 3 (a few
 dozen forward passes). When k_lo itself meets D (the paper's grid ends there; a pruned VGG did), the
-scan goes on below it in steps of 0.8x down to k_lo / 16, then bisects to within 3%. During the search the size is estimated by the codes' empirical entropy.
+scan goes on below it in steps of 0.8x down to k_lo / 16, then bisects to within 3%. During the
+search the size is estimated by the codes' empirical entropy.
 
 Quantized: floating tensors with > 512 elements and > 1 dimension (embeddings included), or the
 subset chosen by `include` / `exclude` (names or `re:` patterns). Zeros stay exactly zero, so
@@ -266,7 +267,7 @@ class UniformBins:
     def round(self, w, params: tuple):
         import torch
 
-        return torch.round(w / torch.tensor(self.delta, dtype=torch.float32)) * torch.tensor(self.delta, dtype=torch.float32)
+        return torch.round(w / self.delta) * self.delta  # delta is a float32 value: float32 arithmetic, as on decode
 
 
 def _plain_conv(module) -> bool:
@@ -288,12 +289,8 @@ def gptq_rounders(model, outputs: Callable[[], np.ndarray], names: set[str]) -> 
 
     linears = {f"{n}.weight": m for n, m in model.named_modules()
                if (isinstance(m, torch.nn.Linear) or _plain_conv(m)) and f"{n}.weight" in names}
-    hess = Hessians(linears, root=model)  # padding tokens stay out of H
-    try:
-        with torch.no_grad():
-            outputs()
-    finally:
-        hess.close()
+    with Hessians(linears, root=model) as hess, torch.no_grad():  # padding tokens stay out of H
+        outputs()
     hessians = hess.result()
 
     def rounder(name: str) -> Callable[[np.ndarray, np.float32], np.ndarray]:

@@ -231,6 +231,12 @@ class Hessians:
         for h in self.handles:
             h.remove()
 
+    def __enter__(self) -> "Hessians":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr((W - W') H (W - W')^T) / tr(W H W^T): the relative output error on the calibration inputs."""

@@ -16,6 +16,9 @@ from compress.passes.lib import prunable
 from compress.passes.lib.gptq import Grid, Hessians, Rounded, gptq, output_error, rtn
 
 
+METHODS = {"mse": "rtn", "gptq-mse": "gptq"}  # quant.weight_only's own methods -> quantize()'s rounding
+
+
 class _Stop(Exception):
     """Raised by a forward hook once the layer being calibrated has run."""
 
@@ -39,8 +42,8 @@ def stage_count(model: nn.Module, lm_head: bool) -> int:
     return len(_stages(model, lm_head))
 
 
-def _calibrate(model: nn.Module, windows: torch.Tensor, stop_at: nn.Module | None, hess: Hessians,
-               forward_kwargs: dict, batch: int) -> None:
+def _calibrate(model: nn.Module, windows: torch.Tensor, stop_at: nn.Module | None, forward_kwargs: dict,
+               batch: int) -> None:
     def stop(*_):
         raise _Stop
 
@@ -54,7 +57,6 @@ def _calibrate(model: nn.Module, windows: torch.Tensor, stop_at: nn.Module | Non
     finally:
         if handle is not None:
             handle.remove()
-        hess.close()
 
 
 @torch.no_grad()
@@ -71,8 +73,8 @@ def quantize(model: nn.Module, windows: torch.Tensor, grid: Grid, method: str, *
     for done, (label, linears, stop_at) in enumerate(_stages(model, lm_head)):
         if progress:
             progress(done, label)
-        hess = Hessians(linears)
-        _calibrate(model, windows, stop_at, hess, kwargs, batch)
+        with Hessians(linears) as hess:
+            _calibrate(model, windows, stop_at, kwargs, batch)
         for name, h in hess.result().items():
             lin = linears[name]
             w = lin.weight.data.float()
