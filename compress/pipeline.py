@@ -42,10 +42,13 @@ def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, 
             form = None
             continue
         spec = registry.spec_for(cfg)
+        if form == "pte" and "torch" in spec.takes:
+            form = "torch"  # a branch: passes after export.executorch go on from the torch model it exported
         if form is not None and form not in spec.takes:
-            fix = ("torch passes must come before export.onnx (or export.executorch)" if "torch" in spec.takes
+            fix = ("torch passes must come before export.onnx" if "torch" in spec.takes
                    else "add export.onnx before it" if form == "torch"
-                   else "export.executorch ends the pipeline: nothing runs on a .pte file after it" if form == "pte"
+                   else ("nothing runs on a .pte file: after export.executorch only torch passes and export.onnx "
+                         "can follow (they go on from the torch model it exported)") if form == "pte"
                    else "ONNX passes must come before export.ort")
             problems.append(f"passes[{i}] '{spec.name}' takes the {' or '.join(spec.takes)} form "
                             f"but gets the {form} form here: {fix}")
@@ -168,7 +171,12 @@ class Pipeline:
         settings, max_length = how.latency, how.max_length
         ref = None
         n = len(self.configs)
+        torch_state = None  # the last torch stage: where passes after export.executorch go on from
         for index, cfg in enumerate([None, *self.configs]):
+            if state.form == "torch":
+                torch_state = state
+            elif state.form == "pte" and cfg is not None and "torch" in registry.spec_for(cfg).takes:
+                state = replace(torch_state, history=state.history)  # the .pte stage stays in the report
             name = "input" if cfg is None else cfg.pass_name
             key = key if cfg is None else _hash({"prev": key, "config": cfg.to_dict()})
             sdir = shared / f"{index:02d}-{name}-{key}" if shared else work / "stages" / f"{index:02d}-{name}"

@@ -144,6 +144,22 @@ def test_export_executorch_stage_reloads_from_its_folder(shared_runs, tiny_bert,
     assert out["sentence_embedding"].shape == (2, 32)
 
 
+def test_the_same_pruned_model_goes_to_pte_and_onnx_in_one_run(tiny_bert, text_file, tmp_path):
+    out = tmp_path / "both"
+    report = Pipeline([PRUNE, "export.executorch", "export.onnx", "quant.int8"]).run(
+        str(tiny_bert), str(text_file), out, **_run_kwargs()).report
+
+    pruned, pte, onnx_fp32, int8 = report["stages"][1:]
+    assert [s["form"] for s in (pruned, pte, onnx_fp32, int8)] == ["torch", "pte", "onnx", "onnx"]
+    assert pte["params"] == pruned["params"]  # both back ends hold the pruned model (ONNX counts its graph's
+    assert abs(onnx_fp32["params"] - pruned["params"]) < 0.01 * pruned["params"]  # initializers, buffers too)
+    assert pte["fidelity"]["cosine"] > 0.999 and onnx_fp32["fidelity"]["cosine"] > 0.999  # each against the input
+    assert pte["latency_ms"]["p50"] > 0 and int8["latency_ms"]["p50"] > 0
+    assert report["final"] == {"path": "model.onnx", "form": "onnx"}
+    assert (out / "stages" / "02-export.executorch" / "model.pte").is_file()  # kept in the run's folder
+    assert "## ExecuTorch: stage 2 export.executorch" in (out / "report.md").read_text()
+
+
 def test_pte_runner_slices_batches_over_the_planned_size_and_refuses_longer_inputs(shared_runs):
     root, _, pte = shared_runs
     run = PteRunner(root / "pte" / "model.pte", "encoder")

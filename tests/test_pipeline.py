@@ -177,6 +177,21 @@ def test_pipeline_rejects_wrong_order_before_any_work(tiny_bert, text_file, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_passes_after_export_executorch_go_on_from_the_torch_model(tiny_bert):
+    from compress import loading
+    from compress.pipeline import _problems_for_chain
+
+    info = loading.describe(str(tiny_bert))
+
+    def problems(*passes) -> list[str]:  # (ExecuTorch itself is an optional extra: its absence is not the point)
+        return [p for p in _problems_for_chain(Pipeline(list(passes)).configs, info, True) if "needs ExecuTorch" not in p]
+
+    assert problems({"pass": "prune.structured", "ffn": 0.5}, "export.executorch", "export.onnx", "quant.int8") == []
+    assert problems("export.executorch", "distill.kd", "export.executorch") == []
+    wrong = problems("export.executorch", "quant.int8")
+    assert len(wrong) == 1 and "nothing runs on a .pte file: after export.executorch only torch passes" in wrong[0]
+
+
 def test_pipeline_resume_when_a_stage_points_at_an_earlier_file(tiny_bert, text_file, tmp_path, fast, monkeypatch):
     """Regression: `profile` keeps the previous stage's file; its path must survive a resume."""
     pipe = Pipeline(["export.onnx", "profile", "quant.int8"])
