@@ -128,6 +128,7 @@ class Search:
         self.norms = {n: float(np.linalg.norm(w.astype(np.float64))) for n, w in self.originals.items()}
         self.reference = self.outputs()
         self._memo: dict[float, float] = {}
+        self._smallest: tuple[float, tuple] | None = None  # the smallest feasible k so far and its quantization
 
     def quantized(self, k: float) -> tuple[dict[str, np.ndarray], dict[str, np.float32], dict[str, np.ndarray]]:
         weights, deltas, codes = {}, {}, {}
@@ -142,15 +143,24 @@ class Search:
 
     def cosine(self, k: float) -> float:
         if k not in self._memo:
-            weights, _, codes = self.quantized(k)
+            result = self.quantized(k)
+            weights, _, codes = result
             self.apply(weights)
             cos = float(row_cosines(self.outputs(), self.reference).mean())
+            if cos >= 1.0 - self.deviation and (self._smallest is None or k < self._smallest[0]):
+                self._smallest = (k, result)  # what run() returns: kept, not rounded again (GPTQ is slow)
             bits = sum(entropy_bits(c) for c in codes.values())
             n = sum(c.size for c in codes.values())
             self._memo[k] = cos
             self.trace.append({"k": round(k, 3), "cosine": cos, "bits_per_weight": bits / n})
             self.progress(f"k={k:.1f}: cosine {cos:.5f}, {bits / n:.2f} bits/weight (entropy)")
         return self._memo[k]
+
+    def result(self, k: float) -> tuple[dict[str, np.ndarray], dict[str, np.float32], dict[str, np.ndarray]]:
+        """quantized(k), without rounding again when k is the smallest feasible k evaluated."""
+        if self._smallest is not None and self._smallest[0] == k:
+            return self._smallest[1]
+        return self.quantized(k)
 
     def feasible(self, k: float) -> bool:
         return self.cosine(k) >= 1.0 - self.deviation
@@ -218,7 +228,7 @@ def quantize_model(originals: dict[str, np.ndarray], apply: Callable[[dict[str, 
     t0 = time.perf_counter()
     search = Search(originals, apply, outputs, deviation, progress, rounders=rounders or {})
     k = search.run()
-    weights, deltas, codes = search.quantized(k)
+    weights, deltas, codes = search.result(k)
     apply(weights)
     n = sum(c.size for c in codes.values())
     return {"k": k, "deviation": deviation, "calibration_cosine": search._memo[k], "deltas": deltas,

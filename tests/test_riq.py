@@ -323,3 +323,27 @@ def test_gptq_hessians_leave_padding_tokens_out():
     real = x[mask.bool()].double()
 
     assert torch.allclose(hess.result()["lin"], real.T @ real / 5)
+
+
+def test_the_search_keeps_the_chosen_ks_quantization_instead_of_rounding_again():
+    """quantize_model takes the smallest feasible k's weights and codes from the search: a rounder (GPTQ: the slow
+    part) is not called again for it, and what is kept equals a fresh rounding."""
+    rng = np.random.default_rng(1)
+    originals = {"w": rng.standard_normal((64, 64)).astype(np.float32)}
+    held, calls = {}, []
+
+    def rounder(w, delta):
+        calls.append(float(delta))
+        return np.rint(w / delta).astype(np.int32)
+
+    search = riq.Search(originals, held.update, lambda: held.get("w", originals["w"]), deviation=0.01,
+                        rounders={"w": rounder})
+    k = search.run()
+    before = len(calls)
+
+    weights, deltas, codes = search.result(k)
+
+    assert len(calls) == before and search.feasible(k)
+    fresh = search.quantized(k)
+    assert np.array_equal(codes["w"], fresh[2]["w"]) and np.array_equal(weights["w"], fresh[0]["w"])
+    assert search.result(k * 2)[1]["w"] != deltas["w"]  # any other k: rounded afresh
