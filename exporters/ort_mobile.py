@@ -95,6 +95,10 @@ def write_ops_config(ort_model: Path, dst: Path) -> dict:
 
         create_config_from_models([Path(ort_model)], Path(dst), enable_type_reduction=False)
         required, _ = parse_config(str(dst))  # {domain: {opset: {op types}}}
+    # its header names the model by the path it was made from (the run's temporary folder): its file name instead
+    lines = Path(dst).read_text().splitlines(keepends=True)
+    Path(dst).write_text("".join(f"# - {Path(line[4:].strip()).name}\n" if line.startswith("# - ") else line
+                                 for line in lines))
     return {domain: sorted({op for ops in opsets.values() for op in ops}) for domain, opsets in sorted(required.items())}
 
 

@@ -257,3 +257,37 @@ def test_export_executorch_says_how_to_install_executorch_when_missing(monkeypat
     problems = spec.check(spec.config(), loading.describe(str(tiny_bert)))
 
     assert problems == ["needs ExecuTorch, which is not installed: pip install 'compress[executorch]'"]
+
+
+# --- the built-in real models (slow: minutes on 2 cores) ---------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_real_minilm_pte_runs_in_executorch_and_keeps_the_embeddings(quantize, tmp_path):
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    result = Pipeline([{"pass": "export.executorch", "quantize": quantize}]).run(
+        "minilm", "mix", tmp_path / "o", latency=LatencySettings(batch=1, seq=128, threads=2, warmup=2, runs=10),
+        tasks=False, console=Console(quiet=True))
+
+    stage = result.report["stages"][-1]
+    # measured (benchmarks/mobile_runtimes.py, README): fp32 held-out cosine 1.0000, int8 0.9908
+    assert stage["fidelity"]["cosine"] > (0.9999 if quantize == "none" else 0.98)
+    assert stage["fidelity_unseen"]["cosine"] > (0.9999 if quantize == "none" else 0.98)
+    assert stage["executorch"]["delegated_share"] > 0.4 and stage["latency_ms"]["p50"] > 0
+    module = _load_for_executorch(str(tmp_path / "o" / "model.pte"))  # ExecuTorch's own runtime
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    hidden, embedding = module.forward((ids, torch.ones_like(ids)))
+    assert hidden.shape == (1, 4, 384) and embedding.shape == (1, 384)
+    assert abs(float(embedding.norm()) - 1) < 1e-3  # a unit-norm sentence embedding
+
+
+@pytest.mark.slow
+def test_real_efficientnet_pte_agrees_with_torch_on_the_photos(tmp_path):
+    result = Pipeline(["export.executorch"]).run("efficientnet-lite0", "photos", tmp_path / "o", tasks=False,
+                                                 latency=LatencySettings(batch=1, threads=2, warmup=2, runs=10),
+                                                 console=Console(quiet=True))
+
+    stage = result.report["stages"][-1]
+    assert all(r["ok"] for r in stage["parity"]) and stage["fidelity"]["top1"] == 1.0
+    assert (tmp_path / "o" / "model.pte").stat().st_size > 15e6  # fp32 weights of 4.65M parameters

@@ -61,6 +61,7 @@ def test_export_ort_writes_required_operators_config_naming_every_op_of_the_grap
     config_ops = {(domain, op) for domain, opsets in required.items() for ops in opsets.values() for op in ops}
 
     assert (out / "model.ort").is_file()
+    assert "# - model.ort\n" in (out / "required_operators.config").read_text()  # not the run's temporary path
     assert config_ops == _op_set(_basic_optimized(int8, tmp_path / "basic.onnx"))
     graph_ops = _op_set(onnx.load(str(int8)))
     assert config_ops <= graph_ops
@@ -219,3 +220,23 @@ def test_export_ort_says_fixed_shapes_make_a_tiny_cnn_fit_nnapi(tmp_path):
     assert mobile["required_operators"]["ops"] == {"ai.onnx": ["Clip", "Conv", "Flatten", "Gemm", "GlobalAveragePool",
                                                                "Relu"]}
     assert (tmp_path / "o" / "required_operators.config").is_file()
+
+
+@pytest.mark.slow
+def test_real_minilm_int8_ort_file_runs_and_names_its_operators(tmp_path):
+    from onnxruntime.tools.reduced_build_config_parser import parse_config
+
+    out = tmp_path / "o"
+    result = Pipeline(["export.onnx", "optimize.ort", "quant.int8", "export.ort"]).run(
+        "minilm", "mix", out, latency=LatencySettings(batch=1, seq=128, threads=2, warmup=2, runs=10), tasks=False,
+        console=Console(quiet=True))
+
+    stage = result.report["stages"][-1]
+    assert stage["form"] == "ort" and stage["fidelity"]["cosine"] > 0.99  # measured 0.994 (the int8 graph's)
+    required, _ = parse_config(str(out / "required_operators.config"))
+    config_ops = {(domain, op) for domain, opsets in required.items() for ops in opsets.values() for op in ops}
+    assert {("com.microsoft", "QAttention"), ("ai.onnx", "MatMulInteger")} <= config_ops  # fused, then int8
+    sess = ort.InferenceSession(str(out / "model.ort"), providers=["CPUExecutionProvider"])
+    ids = np.array([[101, 7592, 2088, 102]], dtype=np.int64)
+    emb = sess.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    assert emb.shape == (1, 384) and abs(np.linalg.norm(emb) - 1) < 1e-3

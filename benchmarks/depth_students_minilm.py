@@ -1,0 +1,82 @@
+"""Which layers a depth-pruned MiniLM should keep, and what longer distillation buys: for each set of
+kept layers (--keep, one or more), the teacher's other layers are sliced away and the student is
+distilled with distill.kd (frozen token embeddings, 128-token windows of the built-in `mix`
+corpus), then compared with the fp32 teacher in torch: mean cosine of the sentence embeddings
+(mean pooling, L2 norm) on 64 held-out `mix` samples and 64 samples of the unseen domain (the
+Python language reference), before and after training. One line of JSON per student, then a table.
+
+    python benchmarks/depth_students_minilm.py --keep 0,4,5 1,3,5 0,3,5 [--steps 300] [--lr 3e-4]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keep", nargs="+", default=["0,4,5"], help="kept layers, comma-separated, one set per student")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=64, help="held-out and unseen-domain samples each")
+    args = ap.parse_args(argv)
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from compress import data, models
+    from compress.passes import distill_kd
+    from compress.passes.lib import depth, prunable
+
+    torch.set_num_threads(args.threads)
+    teacher, tok, _ = models.load_hf(models.alias_path("minilm"))
+    teacher.eval()
+    mix = data.load("mix")
+    sets = {"mix held-out": list(mix.eval)[:args.samples], "unseen": data.unseen_domain()[:args.samples]}
+
+    @torch.no_grad()
+    def embed(model, texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), 16):
+            f = tok(texts[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            h, m = model(**f).last_hidden_state, f["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+        return torch.cat(out)
+
+    reference = {name: embed(teacher, texts) for name, texts in sets.items()}
+
+    def cosines(model) -> dict[str, float]:
+        return {name: round(float((embed(model, texts) * reference[name]).sum(-1).mean()), 4) for name, texts in sets.items()}
+
+    fam = prunable.family_of(teacher.config)
+    results = []
+    for keep_text in args.keep:
+        keep = [int(x) for x in keep_text.split(",")]
+        student = copy.deepcopy(teacher)
+        depth.drop_layers(student, fam, [i for i in range(teacher.config.num_hidden_layers) if i not in keep])
+        before = cosines(student)
+        cfg = distill_kd.DistillKD(steps=args.steps, lr=args.lr, freeze_embeddings=True, max_length=128)
+        notes: dict = {}
+        t0 = time.perf_counter()
+        trained = distill_kd.apply(student, teacher, tok, mix, cfg, notes=notes, progress=False)
+        row = {"keep": keep, "steps": args.steps, "lr": args.lr, "one_shot": before, "trained": cosines(trained),
+               "train_s": round(time.perf_counter() - t0), "tokens_seen": notes["distill"].get("tokens_seen")}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    table = Table("kept layers", "steps", "lr", "one-shot mix / unseen", "trained mix / unseen", "train s", "tokens seen",
+                  title="MiniLM depth students, distill.kd (torch cosine against the fp32 teacher)")
+    for r in results:
+        table.add_row(",".join(map(str, r["keep"])), str(r["steps"]), f"{r['lr']:g}",
+                      f"{r['one_shot']['mix held-out']:.4f} / {r['one_shot']['unseen']:.4f}",
+                      f"{r['trained']['mix held-out']:.4f} / {r['trained']['unseen']:.4f}", str(r["train_s"]),
+                      f"{r['tokens_seen']:,}")
+    Console(width=160).print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
