@@ -295,18 +295,21 @@ def gptq_rounders(model, outputs: Callable[[], np.ndarray], names: set[str]) -> 
     GPTQ's codes for a bin width (a convolution's weight as (out channels, the rest))."""
     import torch
 
-    from compress.passes.lib.gptq import Hessians, gptq
+    from compress.passes.lib.gptq import Hessians, factor, gptq
 
     linears = {f"{n}.weight": m for n, m in model.named_modules()
                if (isinstance(m, torch.nn.Linear) or _plain_conv(m)) and f"{n}.weight" in names}
     with Hessians(linears, root=model) as hess, torch.no_grad():  # padding tokens stay out of H
         outputs()
     hessians = hess.result()
+    factors: dict = {}  # name -> gptq.Factored: H's Cholesky work once per layer, not once per k tried
 
     def rounder(name: str) -> Callable[[np.ndarray, np.float32], np.ndarray]:
         def codes(w: np.ndarray, delta: np.float32) -> np.ndarray:
             matrix = torch.from_numpy(w).float().reshape(w.shape[0], -1)
-            rounded = gptq(matrix, hessians[name], UniformBins(delta, matrix.shape[1]), zeros=matrix == 0)  # zeros stay
+            if name not in factors:
+                factors[name] = factor(hessians[name])
+            rounded = gptq(matrix, factors[name], UniformBins(delta, matrix.shape[1]), zeros=matrix == 0)  # zeros stay
             return np.rint(rounded.weight.numpy() / delta).astype(np.int32).reshape(w.shape)
         return codes
 

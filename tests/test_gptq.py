@@ -12,7 +12,7 @@ import torch
 
 from compress import Pipeline
 from compress.errors import UserError
-from compress.passes.lib.gptq import BlockGrid, block_codes, gptq, output_error, rtn
+from compress.passes.lib.gptq import BlockGrid, block_codes, factor, gptq, output_error, rtn
 from compress.passes.lib.quantized import dequantize
 from compress.runtime import OnnxRunner
 
@@ -54,6 +54,16 @@ def test_searched_scales_and_error_feedback_each_lower_the_output_error():
 
     assert err["gptq searched"] < err["rtn searched"] < err["rtn"]
     assert err["gptq searched"] < 0.7 * err["rtn"]
+
+
+def test_a_factored_hessian_reused_gives_the_same_rounding():
+    w, h = _layer(2)
+    h[5, :] = h[:, 5] = 0  # a dead input: zeroed either way
+    f = factor(h)
+
+    for grid in (BlockGrid(4, 32, True), BlockGrid(4, 32, False, candidates=1)):
+        assert torch.equal(gptq(w, f, grid).weight, gptq(w, h, grid).weight)
+    assert bool(f.dead[5]) and not bool(f.dead[4])
 
 
 @pytest.fixture(scope="module")

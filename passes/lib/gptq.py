@@ -119,20 +119,34 @@ def _inverse_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
                      "calibration text (samples / max_length)")
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, percdamp: float = 0.01, block: int = 128,
+@dataclass(frozen=True)
+class Factored:
+    """What GPTQ needs of a Hessian, whatever the weight and grid: the damped diagonal (importance), the dead
+    inputs and the upper Cholesky factor of H^-1. One per layer serves every rounding of it (RIQ's k search)."""
+
+    importance: torch.Tensor
+    dead: torch.Tensor
+    u: torch.Tensor
+
+
+def factor(hessian: torch.Tensor, percdamp: float = 0.01) -> Factored:
+    h, dead = _damped(hessian, percdamp)
+    return Factored(torch.diag(h).float(), dead, _inverse_factor(h, percdamp))
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor | Factored, grid: Grid, percdamp: float = 0.01, block: int = 128,
          zeros: torch.Tensor | None = None) -> Rounded:
-    """GPTQ of one (N, K) weight onto `grid` given its (K, K) input Hessian. Each group's grid parameters
+    """GPTQ of one (N, K) weight onto `grid` given its (K, K) input Hessian (or its `factor`, reused). Each group's grid parameters
     are fitted on the group's weights as the earlier columns' errors have left them (importance: H's
     diagonal); columns are taken in order (groups stay contiguous, as MatMulNBits' blocks are).
     `zeros` (N, K) bool: weights that stay exactly 0 (pruned: SparseGPT's mask), their error fed forward too."""
     n, k = weight.shape
     g = grid.group
     block = max(g, block // g * g)  # a lazy-update block holds whole groups
-    h, dead = _damped(hessian, percdamp)
-    importance = torch.diag(h).float()
+    f = hessian if isinstance(hessian, Factored) else factor(hessian, percdamp)
+    importance, dead, u = f.importance, f.dead, f.u
     w = weight.detach().double().clone()
     w[:, dead] = 0
-    u = _inverse_factor(h, percdamp)
     out = torch.zeros_like(w)
     params: list[tuple] = []
     for i1 in range(0, k, block):
