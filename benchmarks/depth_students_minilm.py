@@ -2,8 +2,9 @@
 kept layers (--keep, one or more), the teacher's other layers are sliced away and the student is
 distilled with distill.kd (frozen token embeddings, 128-token windows of the built-in `mix`
 corpus), then compared with the fp32 teacher in torch: mean cosine of the sentence embeddings
-(mean pooling, L2 norm) on 64 held-out `mix` samples and 64 samples of the unseen domain (the
-Python language reference), before and after training. One line of JSON per student, then a table.
+(compress.evaluate.fidelity, as in the reports) on 64 held-out `mix` samples and 64 samples of the
+unseen domain (the Python language reference), before and after training. One line of JSON per
+student, then a table.
 
     python benchmarks/depth_students_minilm.py --keep 0,4,5 1,3,5 0,3,5 [--steps 300] [--lr 3e-4]
 """
@@ -28,29 +29,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from rich.console import Console
     from rich.table import Table
 
-    from compress import data, models
+    from compress import data, evaluate, models
     from compress.passes import distill_kd
     from compress.passes.lib import depth, prunable
+    from compress.runtime import TorchRunner
 
     torch.set_num_threads(args.threads)
     teacher, tok, _ = models.load_hf(models.alias_path("minilm"))
     teacher.eval()
     mix = data.load("mix")
-    sets = {"mix held-out": list(mix.eval)[:args.samples], "unseen": data.unseen_domain()[:args.samples]}
+    texts_of = {"mix held-out": list(mix.eval)[:args.samples], "unseen": data.unseen_domain()[:args.samples]}
+    sets = {name: (texts, evaluate.outputs(TorchRunner(teacher, "encoder"), tok, texts, 128, kind="encoder"))
+            for name, texts in texts_of.items()}  # the teacher's embeddings, once
 
-    @torch.no_grad()
-    def embed(model, texts: list[str]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), 16):
-            f = tok(texts[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            h, m = model(**f).last_hidden_state, f["attention_mask"].unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-        return torch.cat(out)
-
-    reference = {name: embed(teacher, texts) for name, texts in sets.items()}
-
-    def cosines(model) -> dict[str, float]:
-        return {name: round(float((embed(model, texts) * reference[name]).sum(-1).mean()), 4) for name, texts in sets.items()}
+    def cosines(model) -> dict[str, float]:  # what every report's fidelity column measures
+        return {name: round(evaluate.fidelity("encoder", TorchRunner(model, "encoder"), ref, tok, texts, 128)["cosine"], 4)
+                for name, (texts, ref) in sets.items()}
 
     fam = prunable.family_of(teacher.config)
     results = []

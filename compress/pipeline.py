@@ -35,6 +35,11 @@ class Result:
     state: ModelState
 
 
+def _branches_to_torch(form: str | None, spec: Any) -> bool:
+    """Nothing runs on a .pte file: a torch pass after export.executorch goes on from the torch model it exported."""
+    return form == "pte" and "torch" in spec.takes
+
+
 def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, has_data: bool) -> list[str]:
     problems, form = [], info.form
     for i, cfg in enumerate(configs):
@@ -42,8 +47,8 @@ def _problems_for_chain(configs: Sequence[PassConfig], info: loading.ModelInfo, 
             form = None
             continue
         spec = registry.spec_for(cfg)
-        if form == "pte" and "torch" in spec.takes:
-            form = "torch"  # a branch: passes after export.executorch go on from the torch model it exported
+        if _branches_to_torch(form, spec):
+            form = "torch"
         if form is not None and form not in spec.takes:
             fix = ("torch passes must come before export.onnx" if "torch" in spec.takes
                    else "add export.onnx before it" if form == "torch"
@@ -175,7 +180,7 @@ class Pipeline:
         for index, cfg in enumerate([None, *self.configs]):
             if state.form == "torch":
                 torch_state = state
-            elif state.form == "pte" and cfg is not None and "torch" in registry.spec_for(cfg).takes:
+            elif cfg is not None and _branches_to_torch(state.form, registry.spec_for(cfg)):
                 state = replace(torch_state, history=state.history)  # the .pte stage stays in the report
             name = "input" if cfg is None else cfg.pass_name
             key = key if cfg is None else _hash({"prev": key, "config": cfg.to_dict()})

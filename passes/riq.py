@@ -147,7 +147,7 @@ class Search:
             weights, _, codes = result
             self.apply(weights)
             cos = float(row_cosines(self.outputs(), self.reference).mean())
-            if cos >= 1.0 - self.deviation and (self._smallest is None or k < self._smallest[0]):
+            if self._meets(cos) and (self._smallest is None or k < self._smallest[0]):
                 self._smallest = (k, result)  # what run() returns: kept, not rounded again (GPTQ is slow)
             bits = sum(entropy_bits(c) for c in codes.values())
             n = sum(c.size for c in codes.values())
@@ -162,8 +162,11 @@ class Search:
             return self._smallest[1]
         return self.quantized(k)
 
+    def _meets(self, cosine: float) -> bool:
+        return cosine >= 1.0 - self.deviation
+
     def feasible(self, k: float) -> bool:
-        return self.cosine(k) >= 1.0 - self.deviation
+        return self._meets(self.cosine(k))
 
     def run(self) -> float:
         """Smallest feasible k on the paper's coarse-to-fine grid, or below its end (_below) when k_lo is feasible."""
@@ -301,14 +304,11 @@ def gptq_rounders(model, outputs: Callable[[], np.ndarray], names: set[str]) -> 
                if (isinstance(m, torch.nn.Linear) or _plain_conv(m)) and f"{n}.weight" in names}
     with Hessians(linears, root=model) as hess, torch.no_grad():  # padding tokens stay out of H
         outputs()
-    hessians = hess.result()
-    factors: dict = {}  # name -> gptq.Factored: H's Cholesky work once per layer, not once per k tried
+    factors = {name: factor(h) for name, h in hess.result().items()}  # once per layer, not once per k tried
 
     def rounder(name: str) -> Callable[[np.ndarray, np.float32], np.ndarray]:
         def codes(w: np.ndarray, delta: np.float32) -> np.ndarray:
             matrix = torch.from_numpy(w).float().reshape(w.shape[0], -1)
-            if name not in factors:
-                factors[name] = factor(hessians[name])
             rounded = gptq(matrix, factors[name], UniformBins(delta, matrix.shape[1]), zeros=matrix == 0)  # zeros stay
             return np.rint(rounded.weight.numpy() / delta).astype(np.int32).reshape(w.shape)
         return codes

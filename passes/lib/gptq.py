@@ -130,15 +130,17 @@ class Factored:
 
 
 def factor(hessian: torch.Tensor, percdamp: float = 0.01) -> Factored:
+    """H damped (`_damped`) and its inverse's upper Cholesky factor, for `gptq`."""
     h, dead = _damped(hessian, percdamp)
     return Factored(torch.diag(h).float(), dead, _inverse_factor(h, percdamp))
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor | Factored, grid: Grid, percdamp: float = 0.01, block: int = 128,
          zeros: torch.Tensor | None = None) -> Rounded:
-    """GPTQ of one (N, K) weight onto `grid` given its (K, K) input Hessian (or its `factor`, reused). Each group's grid parameters
-    are fitted on the group's weights as the earlier columns' errors have left them (importance: H's
-    diagonal); columns are taken in order (groups stay contiguous, as MatMulNBits' blocks are).
+    """GPTQ of one (N, K) weight onto `grid` given its (K, K) input Hessian, or that Hessian's `factor`
+    (reused across roundings; `percdamp` is then the factor's). Each group's grid parameters are fitted
+    on the group's weights as the earlier columns' errors have left them (importance: H's diagonal);
+    columns are taken in order (groups stay contiguous, as MatMulNBits' blocks are).
     `zeros` (N, K) bool: weights that stay exactly 0 (pruned: SparseGPT's mask), their error fed forward too."""
     n, k = weight.shape
     g = grid.group
