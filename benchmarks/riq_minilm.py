@@ -6,8 +6,13 @@ Rows (all from the same fp32 ONNX export of the built-in MiniLM):
 - int4: quant.int4 (MatMulNBits, block 32; embeddings stay fp32);
 - RIQ at deviation D: the `.riq` file of export.riq (every weight tensor entropy coded), its decoded
   int8-weight ONNX (weight-only DequantizeLinear where the codes fit in int8, float elsewhere: what
-  runs on a device), and the same after
-  prune.homodistil (heads 0.5, FFN 0.5) unless --prune-steps 0.
+  runs on a device), its packed ONNX (`compress decode --weights packed`: each tensor in the narrowest of 4-bit
+  MatMulNBits, int8, int16 or float that holds its codes), and the same after
+  prune.homodistil (heads 0.5, FFN 0.5) unless --prune-steps 0;
+- --sparse S1,S2 (e.g. 0.5,0.7,2:4): prune.sparse (SparseGPT, every layer's Linears; embeddings dense) at each
+  sparsity or n:m pattern, then distill.kd --sparse-kd steps (zeros kept; 0: none), then quant.riq rounding=gptq
+  on the torch form and export.riq. Cosine of the sparse model against the dense teacher, and of its `.riq`
+  against the sparse model it quantized ("that model"), both on the held-out split.
 Ratio = 32 x parameters / bits of the file (graph, tables and float tensors included); for the pruned
 model also against the dense model's parameters. Fidelity = mean cosine of sentence embeddings
 against fp32 PyTorch on the held-out split of the built-in wiki text; Lee-50 and polarity-200 as in
@@ -15,6 +20,7 @@ the reports. Latency: batch 1, seq 128, pinned threads, interleaved rounds; peak
 process (VmHWM).
 
     python benchmarks/riq_minilm.py [--deviation 0.005] [--prune-steps 600] [--threads 2] [--runs 100] [--workdir DIR]
+                                    [--torch-rounding nearest,gptq] [--only-torch] [--sparse 0.5,2:4 --sparse-kd 300]
 """
 from __future__ import annotations
 
@@ -57,10 +63,18 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
     for rounding in args.torch_rounding:  # quant.riq on the torch form, where rounding=gptq can measure inputs
         runs[f"riq torch {rounding}"] = [{"pass": "quant.riq", "deviation": args.deviation, "rounding": rounding},
                                          "export.riq"]
+    for spec in args.sparse:
+        prune = {"pass": "prune.sparse", "method": "sparsegpt", **({"pattern": spec} if ":" in spec else
+                                                                  {"sparsity": float(spec)})}
+        kd = [{"pass": "distill.kd", "steps": args.sparse_kd, "max_length": 128, "freeze_embeddings": True}] \
+            if args.sparse_kd else []
+        runs[f"sparse {spec}"] = [prune, *kd, {"pass": "quant.riq", "deviation": args.deviation, "rounding": "gptq"},
+                                  "export.riq"]
     results = {}
     for name, passes in runs.items():
         console.rule(f"{name}: {' -> '.join(p if isinstance(p, str) else p['pass'] for p in passes)}")
-        results[name] = Pipeline(passes).run("minilm", outdir=work / name.replace(" ", "_"), console=console)
+        results[name] = Pipeline(passes).run("minilm", outdir=work / name.replace(" ", "_").replace(":", "of"),
+                                             console=console)
 
     fp32 = _stage(results["riq"], "export.onnx")
     fp32_path = work / "riq" / "stages" / "01-export.onnx" / "model.onnx"
@@ -79,6 +93,7 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
         rows.append(_row(f"{name} .riq (D={args.deviation})", q, e["riq_file"]["bytes"], params, dense, None))
         rows.append(_row(f"{name} decoded int8-weight ONNX", e, (folder / "model.onnx").stat().st_size, params, dense,
                          folder / "model.onnx"))
+        rows.append(_packed_row(name, folder, work, params, dense))
         files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
                        "evaluations": q["riq"]["evaluations"], "float_onnx": folder / "stages" / "02-quant.riq" / "model.onnx"
                        if name == "riq" else None}
@@ -88,7 +103,51 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
                          dense, None))
         files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
                        "evaluations": q["riq"]["evaluations"]}
+    for name in [n for n in results if n.startswith("sparse ")]:
+        res, folder = results[name], work / name.replace(" ", "_").replace(":", "of")
+        q, e = _stage(res, "quant.riq"), _stage(res, "export.riq")
+        row = _row(f"{name} + kd {args.sparse_kd} + riq gptq .riq (D={args.deviation})", q, e["riq_file"]["bytes"],
+                   e["riq_file"]["params"], dense, None)
+        before = res.report["stages"][_index(res, "quant.riq") - 1]
+        row["sparse_cosine"] = (before.get("fidelity") or {}).get("cosine")
+        row["cosine_vs_sparse"] = _cosine_vs_input(folder)
+        rows.append(row)
+        files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
+                       "evaluations": q["riq"]["evaluations"], "zeros": _stage(res, "prune.sparse")["sparse"]["zeros_of_model"]}
     return rows, files
+
+
+def _packed_row(name: str, folder: Path, work: Path, params: int, dense: int) -> dict:
+    """`compress decode --weights packed` of the run's .riq (4-bit MatMulNBits / int8 / int16 / float per tensor),
+    its held-out cosine against fp32 PyTorch measured here (the pipeline measured the other rows)."""
+    from compress import data, evaluate, models
+    from compress.exporters.riq_export import decode
+    from compress.runtime import OnnxRunner, TorchRunner
+
+    out = work / f"{name.replace(' ', '_')}_packed"
+    info = decode(folder / "model.riq", out, "packed", overwrite=True)
+    teacher, tok, _ = models.load_hf(models.alias_path("minilm"))
+    cos = evaluate.fidelity("encoder", OnnxRunner(out / "model.onnx", "encoder"), TorchRunner(teacher, "encoder"), tok,
+                            data.load("wiki").eval, 128)["cosine"]
+    widths = ", ".join(f"{n} {w}" for w, n in info["widths"].items() if n)
+    return {**_row(f"{name} decoded packed ONNX ({widths})", {"fidelity": {"cosine": cos}},
+                   (out / "model.onnx").stat().st_size, params, dense, out / "model.onnx")}
+
+
+def _index(result, name: str) -> int:
+    return next(i for i, s in enumerate(result.report["stages"]) if s["name"] == name)
+
+
+def _cosine_vs_input(folder: Path) -> float:
+    """Held-out cosine of the quant.riq stage's torch model against the stage before it (the model it quantized)."""
+    from compress import data, evaluate, models
+    from compress.runtime import TorchRunner
+
+    stages = sorted((folder / "stages").iterdir())
+    riq = next(i for i, s in enumerate(stages) if s.name.endswith("quant.riq"))
+    (before, tok, _), (after, _, _) = (models.load_hf(stages[i] / "model") for i in (riq - 1, riq))
+    return evaluate.fidelity("encoder", TorchRunner(after, "encoder"), TorchRunner(before, "encoder"), tok,
+                             data.load("wiki").eval, 128)["cosine"]
 
 
 def timings(rows: list[dict], files: dict, args, work: Path) -> dict:
@@ -122,8 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--torch-rounding", default="", help="comma-separated quant.riq roundings (nearest, gptq) to run "
                                                          "on the torch form too, each a .riq row")
     ap.add_argument("--only-torch", action="store_true", help="the --torch-rounding rows and the fp32 reference only")
+    ap.add_argument("--sparse", default="", help="comma-separated prune.sparse sparsities or n:m patterns (0.5,2:4), "
+                                                 "each a row: SparseGPT -> distill.kd -> quant.riq gptq -> export.riq")
+    ap.add_argument("--sparse-kd", type=int, default=300, help="distill.kd steps after prune.sparse (0: none)")
     args = ap.parse_args(argv)
     args.torch_rounding = [r for r in args.torch_rounding.split(",") if r]
+    args.sparse = [s for s in args.sparse.split(",") if s]
 
     import torch
     from rich.console import Console
@@ -131,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-riq-"))
-    for sub in ("riq", "int8", "int4", "pruned_riq", *(f"riq_torch_{r}" for r in args.torch_rounding)):
+    for sub in ("riq", "int8", "int4", "pruned_riq", *(f"riq_torch_{r}" for r in args.torch_rounding),
+                *(f"sparse_{s.replace(':', 'of')}" for s in args.sparse)):
         shutil.rmtree(work / sub, ignore_errors=True)
     console = Console(stderr=True)
     rows, files = run_all(args, work, console)
@@ -148,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{r['ratio_vs_dense']:.2f}", fmt(r["cosine"], ".4f"), fmt(r["cosine_min"], ".4f"),
                       fmt(r["lee50"], ".4f"), fmt(r["polarity"], ".3f"), fmt(t.get("p50_ms"), ".2f"),
                       fmt(t.get("peak_rss_mb"), ".0f"))
+    for r in [r for r in rows if "cosine_vs_sparse" in r]:
+        out_note = (f"{r['format']}: the sparse model's held-out cosine vs the dense teacher {fmt(r['sparse_cosine'], '.4f')}; "
+                    f"its .riq vs the sparse model {r['cosine_vs_sparse']:.4f}")
+        table.caption = ((table.caption + "\n") if table.caption else "") + out_note
     if "riq decoded fp32 ONNX" in lat:
         t = lat["riq decoded fp32 ONNX"]
         table.add_row("riq decoded fp32 ONNX", "-", "-", "-", "-", "-", "-", "-", "-", f"{t['p50_ms']:.2f}",

@@ -310,19 +310,22 @@ def profile(
 def decode(
     model: Path = typer.Argument(..., help=".riq file written by export.riq"),
     outdir: Path = typer.Option(..., "--output", "-o", help="output directory (must not exist unless --overwrite)"),
-    weights: str = typer.Option("float", "--weights", help="float: float32 weights; int8: codes that fit stay int8 behind DequantizeLinear (onnx only)"),
+    weights: str = typer.Option("float", "--weights", help="float: float32 weights; int8: codes that fit stay int8 behind DequantizeLinear; packed: each tensor in the narrowest of 4-bit MatMulNBits, int8, int16, float (int8 / packed: onnx form only)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output directory that compress wrote (never any other folder)"),
 ) -> None:
     """Rebuild a runnable model (ONNX file, or transformers folder) from a .riq file, bit-exact."""
     from compress.errors import UserError
     from compress.exporters.riq_export import decode as decode_riq
 
-    if weights not in ("float", "int8"):
-        raise UserError(f"--weights must be float or int8 (got {weights!r})")
+    from compress.exporters.riq_export import WEIGHTS
+
+    if weights not in WEIGHTS:
+        raise UserError(f"--weights must be one of {', '.join(WEIGHTS)} (got {weights!r})")
     info = decode_riq(model, outdir, weights, overwrite)
     outdir = info["outdir"]  # `~` expanded: where the folder was written
     where = outdir / info["model"] if info["model"] != "." else outdir
-    console.print(f"[green]decoded[/green] {model} -> {where} ({info['kind']}; {info['int8_tensors']} int8 tensors; "
+    kept = ", ".join(f"{n} {w}" for w, n in info.get("widths", {}).items() if n) or "no integer tensors"
+    console.print(f"[green]decoded[/green] {model} -> {where} ({info['kind']}; {kept}; "
                   f"{info['read_seconds']:.1f} s to decode the file, {info['seconds']:.1f} s in all)")
 
 

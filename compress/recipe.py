@@ -72,6 +72,17 @@ class NoAliasLoader(yaml.SafeLoader):
                                f"(first on line {earlier.start_mark.line + 1}): keep one")
         return super().construct_mapping(node, deep)
 
+    def construct_sexagesimal(self, node: Any) -> Any:
+        """YAML 1.1 reads 2:4 as the base-60 number 124 (YAML 1.2 has no such numbers): such a value stays
+        the text written (prune.sparse's pattern=2:4)."""
+        if ":" in str(node.value):
+            return self.construct_scalar(node)
+        return (super().construct_yaml_int if node.tag.endswith(":int") else super().construct_yaml_float)(node)
+
+
+NoAliasLoader.add_constructor("tag:yaml.org,2002:int", NoAliasLoader.construct_sexagesimal)
+NoAliasLoader.add_constructor("tag:yaml.org,2002:float", NoAliasLoader.construct_sexagesimal)
+
 
 def load_yaml(text: str) -> Any:
     """Parse YAML with NoAliasLoader; every way it can fail becomes a ValueError with a short message."""

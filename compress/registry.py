@@ -34,6 +34,7 @@ _MODULES: dict[str, str] = {
     "prune.homodistil": "compress.passes.prune_homodistil",
     "prune.structured": "compress.passes.prune_structured",
     "prune.experts": "compress.passes.prune_experts",
+    "prune.sparse": "compress.passes.prune_sparse",
     "distill.kd": "compress.passes.distill_kd",
 }
 # name -> spec of the passes `register` added in this process (already imported: they come from the caller)

@@ -13,6 +13,10 @@ Decoding (`compress decode MODEL.riq -o OUT`, or `decode()` here) gives:
   weight-only DequantizeLinear (`weights="int8"`): smaller on disk and in memory, same values
   (onnxruntime fuses DequantizeLinear -> MatMul into an 8-bit MatMulNBits, so the weights stay
   int8 at run time; it computes in int8, so outputs differ slightly from the float decode);
+- `weights="packed"`: every coded tensor in the narrowest width that holds its codes: a MatMul weight with
+  codes in [-8, 7] as a 4-bit MatMulNBits (the bin width as every block's scale, the default zero point 8:
+  exact, computed in float), int8 or int16 behind DequantizeLinear (int16: com.microsoft's), float32
+  beyond; what stays small in memory at run time;
 - a transformers folder (config.json + model.safetensors) for a model quantized in the torch form,
   or a bare model.safetensors state dict for any other torch module (`module_container`).
 On a device, `riq_format.decode_weights(path)` needs only numpy and constriction.
@@ -45,7 +49,9 @@ from compress.registry import PassSpec
 from compress.report import fmt, mb, stage_label
 from compress.state import ModelState
 
-WEIGHTS = ("float", "int8")  # what decode() can give: float32 weights, or int8 codes behind DequantizeLinear
+# what decode() can give: float32 weights; int8 codes behind DequantizeLinear where they fit; packed: every coded
+# tensor in the narrowest of 4-bit MatMulNBits (MatMul weights), int8, int16 or float32 that holds its codes
+WEIGHTS = ("float", "int8", "packed")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "added_tokens.json", "chat_template.jinja")
 
@@ -96,32 +102,91 @@ def _onnx_container(path: Path, deltas: dict[str, float]) -> tuple[list, dict[st
 
 # ---- decoding ----------------------------------------------------------------------------------
 
+PACKED_BLOCK = 32  # MatMulNBits block of the packed decode's 4-bit weights (every block has the tensor's one scale)
+
+
+def _width(t, weights: str) -> str | None:
+    """The integer type a coded tensor's codes are kept in: int8 when they fit (weights int8 or packed); packed
+    also int4 (codes in [-8, 7]) and int16; None: float32."""
+    if not isinstance(t, riq_format.CodedTensor) or weights == "float" or not t.codes.size:
+        return None
+    lo, hi = int(t.codes.min()), int(t.codes.max())
+    widths = ((-8, 7, "int4"), (-127, 127, "int8"), (-32767, 32767, "int16")) if weights == "packed" else \
+        ((-127, 127, "int8"),)
+    return next((w for low, high, w in widths if low <= lo and hi <= high), None)
+
+
+def _consumers(graph) -> dict[str, list[tuple]]:
+    out: dict[str, list[tuple]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            out.setdefault(name, []).append((node, i))
+    return out
+
+
+def _nbits4(t, uses: list[tuple]) -> tuple[list, dict]:
+    """A (K, N) coded weight read only as MatMul's B: 4-bit MatMulNBits codes (code + 8, MatMulNBits' default
+    zero point) with the tensor's bin width as every block's scale; its initializers and, by MatMul node, the
+    MatMulNBits replacing it (exact: scale * (code + 8 - 8))."""
+    from onnx import numpy_helper
+
+    from compress.passes.lib.quantized import matmul_nbits, pack_blocks
+
+    k, n = t.shape
+    blocks = -(-k // PACKED_BLOCK)
+    packed, _ = pack_blocks((t.codes.T.astype(np.int16) + 8).astype(np.uint8), np.zeros((n, blocks), np.uint8), 4,
+                            PACKED_BLOCK)
+    base = t.name + "_riq_q4"
+    inits = [numpy_helper.from_array(np.ascontiguousarray(packed), base),
+             numpy_helper.from_array(np.full((n, blocks), np.float32(t.delta), np.float32), base + "_scales")]
+    return inits, {id(node): matmul_nbits([node.input[0], base, base + "_scales"], node.output[0],
+                                          node.name + "_riq_q4", k, n, 4, PACKED_BLOCK, 0) for node, _ in uses}
+
+
 def _fill_graph(graph_bytes: bytes, tensors: list, weights: str):
-    """The stored graph with its initializers filled from the file; int8 weights where they fit.
-    UserError when the graph does not parse or its initializers do not fit the stored tensors."""
+    """The stored graph with its initializers filled from the file, and how many tensors were kept in each
+    integer width. int8 / packed: codes that fit int8 stay int8 behind DequantizeLinear; packed also writes a
+    MatMul weight whose codes fit 4 bits as MatMulNBits and codes that fit int16 as int16 behind com.microsoft's
+    DequantizeLinear. UserError when the graph does not parse or its initializers do not fit the stored tensors."""
     from onnx import helper, numpy_helper
 
     model = _parse_graph(graph_bytes)
     by_name = _graph_tensors(model, tensors)
-    dq_nodes, inits = [], []
+    uses = _consumers(model.graph)
+    dq_nodes, inits, replaced = [], [], {}
+    widths = dict.fromkeys(("int4", "int8", "int16"), 0)
     for init in model.graph.initializer:
         t, dtype = by_name[init.name]
-        if isinstance(t, riq_format.CodedTensor) and weights == "int8" and t.codes.size and np.abs(t.codes).max() <= 127:
-            q, s = init.name + "_riq_int8", init.name + "_riq_scale"
-            inits += [numpy_helper.from_array(t.codes.astype(np.int8), q),
+        width = _width(t, weights)
+        readers = uses.get(init.name, [])
+        if width == "int4" and len(t.shape) == 2 and readers and all(
+                node.op_type == "MatMul" and i == 1 for node, i in readers):
+            more, nodes = _nbits4(t, readers)
+            inits += more
+            replaced.update(nodes)
+            widths["int4"] += 1
+            continue
+        if width is not None:  # int4 read by anything else stays int8
+            store = np.int16 if width == "int16" else np.int8
+            q, s = init.name + f"_riq_{np.dtype(store).name}", init.name + "_riq_scale"
+            inits += [numpy_helper.from_array(t.codes.astype(store), q),
                       numpy_helper.from_array(np.array(t.delta, dtype=np.float32), s)]
-            dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [init.name], name=init.name + "_riq_dq"))
+            dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [init.name], name=init.name + "_riq_dq",
+                                             domain="com.microsoft" if store == np.int16 else ""))
+            widths[np.dtype(store).name] += 1
             continue
         array = t.weights() if isinstance(t, riq_format.CodedTensor) else t.array
         inits.append(numpy_helper.from_array(np.asarray(array).astype(dtype, copy=False), init.name))
     del model.graph.initializer[:]
     model.graph.initializer.extend(inits)
-    nodes = dq_nodes + list(model.graph.node)  # DequantizeLinear first: the graph stays topologically sorted
+    nodes = dq_nodes + [replaced.get(id(n), n) for n in model.graph.node]  # DequantizeLinear first: still sorted
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     if dq_nodes and not any(o.domain in ("", "ai.onnx") and o.version >= 10 for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("", 13))
-    return model, len(dq_nodes)
+    if (replaced or widths["int16"]) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model, widths
 
 
 def decode(path: Path, outdir: Path, weights: str = "float", overwrite: bool = False) -> dict:
@@ -143,7 +208,7 @@ def decode(path: Path, outdir: Path, weights: str = "float", overwrite: bool = F
     if held not in ("onnx", "transformers", "state_dict"):
         raise UserError(f"'{path}' holds no model this version can rebuild (kind {held!r}); was it written by export.riq?")
     if held != "onnx" and weights != "float":
-        raise UserError("int8 weights need a model quantized in the onnx form (quant.riq after export.onnx); "
+        raise UserError(f"{weights} weights need a model quantized in the onnx form (quant.riq after export.onnx); "
                         f"this file holds a torch {held}: decode with --weights float")
     tmp = outputs.fresh_temp(outdir, "decode")
     try:
@@ -167,12 +232,12 @@ def _write_decoded(folder: Path, held: str, tensors: list, meta: dict[str, bytes
 
         if "model.onnx" not in meta:
             raise UserError(f"the file holds an onnx model but no graph (meta 'model.onnx'): {REEXPORT}")
-        model, n_int8 = _fill_graph(meta["model.onnx"], tensors, weights)
+        model, widths = _fill_graph(meta["model.onnx"], tensors, weights)
         onnx.save(model, str(folder / "model.onnx"), save_as_external_data=model.ByteSize() > 1_800_000_000,
                   location="model.onnx.data")
         _check_onnxruntime_loads(folder / "model.onnx")
         _check_onnx_checker(folder / "model.onnx")  # as models.check_onnx: `compress run` / `profile` would refuse it
-        return {"model": "model.onnx", "int8_tensors": n_int8}
+        return {"model": "model.onnx", "int8_tensors": widths["int8"], "widths": widths}
     from safetensors.numpy import save_file
 
     config = _config(meta) if held == "transformers" or "config.json" in meta else None
@@ -183,7 +248,7 @@ def _write_decoded(folder: Path, held: str, tensors: list, meta: dict[str, bytes
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     if held == "transformers":
         _check_transformers_loads(folder, tensors)
-    return {"model": "." if config is not None else "model.safetensors", "int8_tensors": 0}
+    return {"model": "." if config is not None else "model.safetensors", "int8_tensors": 0, "widths": {}}
 
 
 # ---- checking what a file decodes to (a crafted file must end in a UserError, not a traceback) ----

@@ -23,7 +23,7 @@ from torch import nn
 from compress.context import PassContext
 from compress.passes.lib import bare
 from compress.passes.lib.losses import LossWeights, Taid
-from compress.passes.lib.trainer import tokenized, train
+from compress.passes.lib.trainer import KeepZeros, tokenized, train
 from compress.passes.lib.training import TrainingFields
 from compress.registry import ALL_KINDS, PassSpec
 from compress.state import ModelState
@@ -35,6 +35,8 @@ class DistillKD(TrainingFields):
     taid_start: float = Field(0.4, ge=0, le=1, description="TAID: initial interpolation weight t")
     self_data: bool = Field(False, description="causal LMs: train on the teacher's regenerations of the training text")
     prompt_tokens: int = Field(32, ge=1, le=4096, description="self_data: tokens of each training text kept as the prompt")
+    keep_zeros: bool = Field(True, description=(
+        "weights that are exactly 0 at the start (prune.sparse) stay 0 while training (matrices at least 1% zeros)"))
 
     @model_validator(mode="after")
     def _lengths(self) -> "DistillKD":
@@ -123,8 +125,11 @@ def apply(model: nn.Module, teacher: nn.Module, tokenizer: Any, data: Any, cfg: 
             texts = bare.texts(data, cfg.pass_name)
             tensors, weights, what = _text_data(teacher, tokenizer, texts, pooling, cfg, student, c.console)
         taid = Taid(cfg.taid_start) if cfg.taid else None
+        zeros = KeepZeros(student) if cfg.keep_zeros else None
+        if zeros:
+            c.console.print(f"    distill.kd keeps the zeros of {len(zeros.masks)} sparse weight matrices")
         stats = train(student, teacher, kind, tensors, cfg.settings(), weights, c.workdir, c.key,
-                      c.console, taid=taid, resume=c.resume, label="distill")
+                      c.console, callbacks=zeros or None, taid=taid, resume=c.resume, label="distill")
         (c.workdir / "checkpoint.pt").unlink(missing_ok=True)
     if notes is not None:
         notes["distill"] = {**stats, **what, "taid": cfg.taid}

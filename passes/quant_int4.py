@@ -32,6 +32,7 @@ from pydantic import Field
 
 from compress.config import BlockSize, PassConfig
 from compress.context import PassContext
+from compress.passes.lib.quantized import matmul_nbits, pack_blocks
 from compress.passes.lib.quiet import quiet_root_logger
 from compress.passes.lib.selection import Patterns, matching_nodes
 from compress.registry import PassSpec
@@ -190,30 +191,6 @@ def tied_gathers(graph: Any, head: Any) -> set[str]:
     return tied
 
 
-def _matmul_nbits(inputs: list[str], output: str, name: str, k: int, n: int, bits: int, block: int,
-                  accuracy_level: int) -> Any:
-    """A com.microsoft MatMulNBits node (accuracy_level 0 left out: the kernel's default)."""
-    from onnx import helper
-
-    level = {"accuracy_level": accuracy_level} if accuracy_level else {}
-    return helper.make_node("MatMulNBits", inputs, [output], name=name, domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=block, **level)
-
-
-def _pack_blocks(codes: np.ndarray, zero_points: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (N, K) and zero points (N, K/block), unsigned, as MatMulNBits stores them: codes
-    (N, blocks, block * bits / 8) with K zero-padded to whole blocks, low nibble first at 4 bits;
-    zero points (N, ceil(blocks * bits / 8))."""
-    n, k = codes.shape
-    blocks = -(-k // block)
-    codes = np.pad(codes, ((0, 0), (0, blocks * block - k))).reshape(n, blocks, block)
-    if bits == 8:
-        return codes, zero_points.astype(np.uint8)
-    zero_points = np.pad(zero_points, ((0, 0), (0, blocks % 2)))
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4),
-            zero_points[:, 0::2] | (zero_points[:, 1::2] << 4))
-
-
 def _offset_codes(weight: np.ndarray, block: int) -> tuple[np.ndarray, ...]:
     """A (K, N) weight as MatMulNBits codes (N, K/block, block/2), scales (N, K/block), packed zero
     points (N, ceil(K/block / 2)) and the float offsets (K/block, N) that the integer zero points miss.
@@ -228,7 +205,7 @@ def _offset_codes(weight: np.ndarray, block: int) -> tuple[np.ndarray, ...]:
     codes = np.clip(np.round((blocks - low[:, None]) / scale[:, None]), 0, 15).astype(np.uint8)
     zero = np.clip(np.round(-low / scale), 0, 15)
     offsets = (low + scale * zero).astype(np.float32)
-    packed, zero_points = _pack_blocks(codes.transpose(2, 0, 1).reshape(n, k), zero.T.astype(np.uint8), 4, block)
+    packed, zero_points = pack_blocks(codes.transpose(2, 0, 1).reshape(n, k), zero.T.astype(np.uint8), 4, block)
     return packed, scale.T.astype(np.float32).copy(), zero_points, offsets
 
 
@@ -257,7 +234,7 @@ def quantize_with_offsets(model: Any, names: set[str], cfg: QuantInt4) -> list[s
                 graph.initializer.append(inits[ones])
             sums[x] = x + "_block_sums"
             nodes.append(helper.make_node("MatMul", [x, ones], [sums[x]], name=node.name + "_block_sums"))
-        nodes += [_matmul_nbits([x, base + "_Q4", base + "_scales", base + "_zero_points"], out + "_Q4",
+        nodes += [matmul_nbits([x, base + "_Q4", base + "_scales", base + "_zero_points"], out + "_Q4",
                                  node.name + "_Q4", k, n, 4, cfg.block_size, cfg.accuracy_level),
                   helper.make_node("MatMul", [sums[x], base + "_offsets"], [out + "_offsets"], name=node.name + "_offsets"),
                   helper.make_node("Add", [out + "_Q4", out + "_offsets"], [out], name=node.name + "_plus_offsets")]
@@ -334,13 +311,13 @@ def use_recorded_codes(model: Any, info: dict, cfg: QuantInt4) -> tuple[int, int
             continue
         codes, scales, zp = (np.concatenate(side_by_side, axis=0) for side_by_side in zip(*parts))
         n, k = codes.shape
-        packed, zero_points = _pack_blocks(codes, zp, bits, group)
+        packed, zero_points = pack_blocks(codes, zp, bits, group)
         base = f"{node.input[1]}_Q{bits}G{group}"
         arrays = [(packed, ""), (scales.astype(np.float32), "_scales")]
         if not (zp == 2 ** (bits - 1)).all():
             arrays.append((zero_points, "_zero_points"))
         graph.initializer.extend(numpy_helper.from_array(a, base + suffix) for a, suffix in arrays)
-        nodes.append(_matmul_nbits([node.input[0], *(base + suffix for _, suffix in arrays)], node.output[0],
+        nodes.append(matmul_nbits([node.input[0], *(base + suffix for _, suffix in arrays)], node.output[0],
                                    node.name + f"_Q{bits}", k, n, bits, group, cfg.accuracy_level))
         done, matmuls = done + len(parts), matmuls + 1
     graph.ClearField("node")

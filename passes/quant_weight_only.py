@@ -81,22 +81,6 @@ class QuantWeightOnly(PassConfig):
         "it): for a graph whose tied matrix is stored once in 4 bits (quant.int4 lm_head_bits=4 embeddings=true)"))
 
 
-def calibration_windows(tokenizer, texts: list[str], samples: int, length: int) -> torch.Tensor:
-    """(n, length) token ids: the texts' tokens concatenated (separated by EOS when the tokenizer
-    has one) and cut into full windows, at most `samples`."""
-    sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
-        if len(ids) >= samples * length:
-            break
-    n = min(samples, len(ids) // length)
-    if n == 0:
-        raise ValueError(f"the training text has {len(ids)} tokens, fewer than one calibration window of "
-                         f"max_length={length}: lower max_length or give more text (--data)")
-    return torch.tensor(ids[: n * length]).view(n, length)
-
-
 @contextlib.contextmanager
 def _quiet_inc():
     """Neural Compressor logs every step at INFO (and torchao, which it imports, warns about torch
@@ -243,7 +227,7 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: QuantW
     with bare.context(ctx, workdir, progress) as c:
         windows = None
         if cfg.method != "rtn":
-            windows = calibration_windows(tokenizer, bare.texts(data, cfg.pass_name), cfg.samples, cfg.max_length)
+            windows = sequential.calibration_windows(tokenizer, bare.texts(data, cfg.pass_name), cfg.samples, cfg.max_length)
             c.console.print(f"quant.weight_only: {cfg.method} calibration on {windows.shape[0]} x {windows.shape[1]} "
                             "training tokens")
         error = None

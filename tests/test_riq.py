@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from compress import Pipeline
 from compress.cli import app
-from compress.errors import ConfigError
+from compress.errors import ConfigError, UserError
 from compress.exporters.riq_export import decode
 from compress.passes import riq
 
@@ -347,3 +347,65 @@ def test_the_search_keeps_the_chosen_ks_quantization_instead_of_rounding_again()
     fresh = search.quantized(k)
     assert np.array_equal(codes["w"], fresh[2]["w"]) and np.array_equal(weights["w"], fresh[0]["w"])
     assert search.result(k * 2)[1]["w"] != deltas["w"]  # any other k: rounded afresh
+
+
+def _packed_riq(path):
+    """A .riq holding Y = ((X @ W4) @ W8) @ W16 + Gather(E4, ids) summed: codes that fit 4, 8 and 16 bits; W4
+    has 40 input rows (not a whole number of MatMulNBits blocks); E4 fits 4 bits but is read by a Gather."""
+    from onnx import TensorProto, helper
+
+    from compress.exporters import riq_format
+
+    g = np.random.default_rng(0)
+    codes = {"W4": g.integers(-8, 8, (40, 24)), "W8": g.integers(-120, 121, (24, 16)),
+             "W16": g.integers(-3000, 3001, (16, 8)), "E4": g.integers(-8, 8, (10, 8))}
+    codes["W4"][0, 0], codes["W8"][0, 0], codes["W16"][0, 0] = -8, 120, 3000  # each at its width's edge
+    deltas = {"W4": 0.05, "W8": 0.01, "W16": 1e-4, "E4": 0.1}
+    nodes = [helper.make_node("MatMul", ["X", "W4"], ["A"]), helper.make_node("MatMul", ["A", "W8"], ["B"]),
+             helper.make_node("MatMul", ["B", "W16"], ["C"]), helper.make_node("Gather", ["E4", "ids"], ["E"]),
+             helper.make_node("Add", ["C", "E"], ["Y"])]
+    inits = [TensorProto(name=n, data_type=TensorProto.FLOAT, dims=list(c.shape)) for n, c in codes.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 40]),
+                                           helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    riq_format.write(path, [riq_format.CodedTensor(n, c.shape, c.astype(np.int32), deltas[n]) for n, c in codes.items()],
+                     {"kind": b"onnx", "model.onnx": model.SerializeToString()})
+    return path
+
+
+def test_packed_decode_keeps_each_tensor_in_the_narrowest_width_and_the_values(tmp_path):
+    import onnxruntime as ort
+
+    riq = _packed_riq(tmp_path / "m.riq")
+    result = CliRunner().invoke(app, ["decode", str(riq), "-o", str(tmp_path / "packed"), "--weights", "packed"])
+    assert result.exit_code == 0, result.output
+    assert "1 int4, 2 int8, 1 int16" in result.output
+    decode(riq, tmp_path / "float")
+
+    graph = onnx.load(str(tmp_path / "packed" / "model.onnx")).graph
+    ops = {n.op_type: n for n in graph.node}
+    assert ops["MatMulNBits"].domain == "com.microsoft" and "W4" not in {i.name for i in graph.initializer}
+    dtypes = {i.name: i.data_type for i in graph.initializer}
+    assert dtypes["W16_riq_int16"] == onnx.TensorProto.INT16 and dtypes["E4_riq_int8"] == onnx.TensorProto.INT8
+    feed = {"X": np.random.default_rng(1).standard_normal((2, 40)).astype(np.float32), "ids": np.array([3, 9])}
+
+    def run(folder: str, level: int | None = None):
+        options = ort.SessionOptions()
+        if level is not None:  # onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits at this level
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        return ort.InferenceSession(str(tmp_path / folder / "model.onnx"), options,
+                                    providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+    exact = run("float")
+    np.testing.assert_array_equal(run("packed", level=0), exact)  # float compute: the same values exactly
+    np.testing.assert_allclose(run("packed"), exact, rtol=0.02, atol=0.02)  # default: int8 activations for int8
+
+
+def test_packed_decode_of_a_torch_form_file_is_refused(tiny_bert, text_file, tmp_path, fast):
+    out = tmp_path / "out"
+    Pipeline([{"pass": "quant.riq", "calibration_samples": 8}, "export.riq"]).run(str(tiny_bert), str(text_file), out,
+                                                                                  **fast)
+    with pytest.raises(UserError, match="packed weights need a model quantized in the onnx form"):
+        decode(out / "model.riq", tmp_path / "dec", "packed")

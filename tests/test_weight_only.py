@@ -12,7 +12,7 @@ import torch
 
 from compress import Pipeline
 from compress.errors import UserError
-from compress.passes import quant_weight_only as woq
+from compress.passes.lib import sequential
 from compress.runtime import OnnxRunner
 
 LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); the lm_head stays float in the pass
@@ -115,11 +115,11 @@ def test_calibration_windows_are_full_and_too_little_text_is_named(tiny_llama):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    windows = woq.calibration_windows(tok, ["one two three four five six seven eight"] * 20, samples=3, length=16)
+    windows = sequential.calibration_windows(tok, ["one two three four five six seven eight"] * 20, samples=3, length=16)
 
     assert windows.shape == (3, 16)
     with pytest.raises(ValueError, match="fewer than one calibration window"):
-        woq.calibration_windows(tok, ["too short"], samples=3, length=64)
+        sequential.calibration_windows(tok, ["too short"], samples=3, length=64)
 
 
 def test_builder_graph_gets_the_recorded_codes_with_qkv_fused_and_symmetric_blocks_without_zero_points(

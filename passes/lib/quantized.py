@@ -1,8 +1,12 @@
 """What the quantization passes share: the dequantized value of recorded int4 codes (quant.weight_only
-writes it into the torch model, quant.int4 finds it again in the ONNX graph), and which earlier passes
-leave int8 weights behind (after them quant.int4 and quant.riq find no float weight to quantize)."""
+writes it into the torch model, quant.int4 finds it again in the ONNX graph), MatMulNBits' storage layout
+(quant.int4 and export.riq's packed decode write it), and which earlier passes leave int8 weights behind
+(after them quant.int4 and quant.riq find no float weight to quantize)."""
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 
@@ -24,3 +28,27 @@ def int8_weights_before(earlier: list) -> tuple[int, str] | None:
         if cfg is not None and cfg.pass_name == "export.riq" and getattr(cfg, "weights", None) == "int8":
             return j, "export.riq weights=int8"
     return None
+
+
+def matmul_nbits(inputs: list[str], output: str, name: str, k: int, n: int, bits: int, block: int,
+                 accuracy_level: int) -> Any:
+    """A com.microsoft MatMulNBits node (accuracy_level 0 left out: the kernel's default)."""
+    from onnx import helper
+
+    level = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    return helper.make_node("MatMulNBits", inputs, [output], name=name, domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, **level)
+
+
+def pack_blocks(codes: np.ndarray, zero_points: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (N, K) and zero points (N, K/block), unsigned, as MatMulNBits stores them: codes
+    (N, blocks, block * bits / 8) with K zero-padded to whole blocks, low nibble first at 4 bits;
+    zero points (N, ceil(blocks * bits / 8))."""
+    n, k = codes.shape
+    blocks = -(-k // block)
+    codes = np.pad(codes, ((0, 0), (0, blocks * block - k))).reshape(n, blocks, block)
+    if bits == 8:
+        return codes, zero_points.astype(np.uint8)
+    zero_points = np.pad(zero_points, ((0, 0), (0, blocks % 2)))
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4),
+            zero_points[:, 0::2] | (zero_points[:, 1::2] << 4))

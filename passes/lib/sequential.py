@@ -1,6 +1,7 @@
-"""Layer-by-layer calibrated rounding of a transformers model's Linear layers (quant.weight_only's own
-methods): the inputs of each decoder / encoder layer's Linears are measured with every earlier layer
-already rounded (GPTQ's sequential order), so a layer's rounding answers the errors before it.
+"""Layer-by-layer calibrated transforms of a transformers model's Linear layers (quant.weight_only's own
+rounding methods, prune.sparse's wanda and sparsegpt): the inputs of each decoder / encoder layer's Linears
+are measured with every earlier layer already transformed (GPTQ's sequential order), so a layer's rounding
+or pruning answers the errors before it.
 
 The lm_head, when asked for, goes first: with a tied embedding it is also the input table, and the
 layers after it must see the rounded embedding. Each layer costs one forward of the calibration
@@ -17,6 +18,22 @@ from compress.passes.lib.gptq import Grid, Hessians, Rounded, gptq, output_error
 
 
 METHODS = {"mse": "rtn", "gptq-mse": "gptq"}  # quant.weight_only's own methods -> quantize()'s rounding
+
+
+def calibration_windows(tokenizer, texts: list[str], samples: int, length: int) -> torch.Tensor:
+    """(n, length) token ids: the texts' tokens concatenated (separated by EOS when the tokenizer
+    has one) and cut into full windows, at most `samples`."""
+    sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        if len(ids) >= samples * length:
+            break
+    n = min(samples, len(ids) // length)
+    if n == 0:
+        raise ValueError(f"the training text has {len(ids)} tokens, fewer than one calibration window of "
+                         f"max_length={length}: lower max_length or give more text (--data)")
+    return torch.tensor(ids[: n * length]).view(n, length)
 
 
 class _Stop(Exception):
@@ -60,6 +77,23 @@ def _calibrate(model: nn.Module, windows: torch.Tensor, stop_at: nn.Module | Non
 
 
 @torch.no_grad()
+def each_layer(model: nn.Module, windows: torch.Tensor, transform: Callable[[str, nn.Linear, torch.Tensor], None], *,
+               lm_head: bool = False, forward_kwargs: dict | None = None, batch: int = 8,
+               progress: Callable[[int, str], None] | None = None) -> None:
+    """Layer by layer in forward order (the lm_head first when asked): measure the input Hessian of every
+    Linear of the layer on `windows` with every earlier layer already transformed, then call
+    `transform(module name, linear, hessian)`, which sets the Linear's weight in place."""
+    model.eval()
+    kwargs = forward_kwargs or {}
+    for done, (label, linears, stop_at) in enumerate(_stages(model, lm_head)):
+        if progress:
+            progress(done, label)
+        with Hessians(linears) as hess:
+            _calibrate(model, windows, stop_at, kwargs, batch)
+        for name, h in hess.result().items():
+            transform(name, linears[name], h)
+
+
 def quantize(model: nn.Module, windows: torch.Tensor, grid: Grid, method: str, *, lm_head: bool = False,
              forward_kwargs: dict | None = None, percdamp: float = 0.01, batch: int = 8,
              progress: Callable[[int, str], None] | None = None) -> dict[str, tuple[Rounded, float]]:
@@ -67,18 +101,14 @@ def quantize(model: nn.Module, windows: torch.Tensor, grid: Grid, method: str, *
     layer: method "gptq" (error feedback) or "rtn" (each group fitted on its own, weighted by the input
     Hessian's diagonal). The weights are set in place (a tied embedding follows its lm_head). Returns
     {module name: (rounded, relative output error on the calibration inputs)}."""
-    model.eval()
-    kwargs = forward_kwargs or {}
     out: dict[str, tuple[Rounded, float]] = {}
-    for done, (label, linears, stop_at) in enumerate(_stages(model, lm_head)):
-        if progress:
-            progress(done, label)
-        with Hessians(linears) as hess:
-            _calibrate(model, windows, stop_at, kwargs, batch)
-        for name, h in hess.result().items():
-            lin = linears[name]
-            w = lin.weight.data.float()
-            rounded = gptq(w, h, grid, percdamp) if method == "gptq" else rtn(w, grid, torch.diag(h))
-            out[name] = (rounded, output_error(w, rounded.weight, h))
-            lin.weight.data.copy_(rounded.weight.to(lin.weight.dtype))
+
+    def transform(name: str, lin: nn.Linear, h: torch.Tensor) -> None:
+        w = lin.weight.data.float()
+        rounded = gptq(w, h, grid, percdamp) if method == "gptq" else rtn(w, grid, torch.diag(h))
+        out[name] = (rounded, output_error(w, rounded.weight, h))
+        lin.weight.data.copy_(rounded.weight.to(lin.weight.dtype))
+
+    each_layer(model, windows, transform, lm_head=lm_head, forward_kwargs=forward_kwargs, batch=batch,
+               progress=progress)
     return out

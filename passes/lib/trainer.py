@@ -59,6 +59,34 @@ class Callbacks:
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class KeepZeros(Callbacks):
+    """Weights that are exactly 0 when training starts (prune.sparse's) stay 0: their gradients are cleared after
+    the backward and the weights after each step (AdamW's momentum and decay would move them). Only matrices
+    with at least `min_fraction` zeros are tracked (a dense model has none)."""
+
+    def __init__(self, model: torch.nn.Module, min_fraction: float = 0.01):
+        self.masks = {name: p.detach() == 0 for name, p in model.named_parameters()
+                      if p.dim() > 1 and float((p.detach() == 0).float().mean()) >= min_fraction}
+
+    def __bool__(self) -> bool:
+        return bool(self.masks)
+
+    def _tracked(self, model: torch.nn.Module):
+        for name, p in model.named_parameters():
+            if name in self.masks:
+                yield p, self.masks[name].to(p.device)
+
+    def after_backward(self, step: int, model: torch.nn.Module) -> None:
+        for p, mask in self._tracked(model):
+            if p.grad is not None:
+                p.grad.masked_fill_(mask, 0.0)
+
+    def after_step(self, step: int, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for p, mask in self._tracked(model):
+                p.masked_fill_(mask, 0.0)
+
+
 def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Rows of step `step`: epoch e is a seeded permutation; each process takes every world-th row."""
     bs = min(batch_size, n)
