@@ -139,8 +139,23 @@ def _nbits4(t, uses: list[tuple]) -> tuple[list, dict]:
     base = t.name + "_riq_q4"
     inits = [numpy_helper.from_array(np.ascontiguousarray(packed), base),
              numpy_helper.from_array(np.full((n, blocks), np.float32(t.delta), np.float32), base + "_scales")]
-    return inits, {id(node): matmul_nbits([node.input[0], base, base + "_scales"], node.output[0],
-                                          node.name + "_riq_q4", k, n, 4, PACKED_BLOCK, 0) for node, _ in uses}
+    return inits, {id(node): [matmul_nbits([node.input[0], base, base + "_scales"], node.output[0],
+                                           node.name + "_riq_q4", k, n, 4, PACKED_BLOCK, 0)] for node, _ in uses}
+
+
+def _gather_codes(uses: list[tuple], codes: str, scale: str, domain: str) -> dict:
+    """By Gather node: the lookup done on the integer table, then its rows dequantized (the same values as
+    dequantizing the table first, without dequantizing the whole table at every run)."""
+    from onnx import helper
+
+    out = {}
+    for node, _ in uses:
+        rows = node.output[0] + "_riq_codes"
+        gather = helper.make_node("Gather", [codes, *node.input[1:]], [rows], name=node.name + "_riq", domain=node.domain)
+        gather.attribute.extend(node.attribute)
+        out[id(node)] = [gather, helper.make_node("DequantizeLinear", [rows, scale], [node.output[0]],
+                                                  name=node.name + "_riq_dq", domain=domain)]
+    return out
 
 
 def _fill_graph(graph_bytes: bytes, tensors: list, weights: str):
@@ -171,20 +186,25 @@ def _fill_graph(graph_bytes: bytes, tensors: list, weights: str):
             q, s = init.name + f"_riq_{np.dtype(store).name}", init.name + "_riq_scale"
             inits += [numpy_helper.from_array(t.codes.astype(store), q),
                       numpy_helper.from_array(np.array(t.delta, dtype=np.float32), s)]
-            dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [init.name], name=init.name + "_riq_dq",
-                                             domain="com.microsoft" if store == np.int16 else ""))
+            domain = "com.microsoft" if store == np.int16 else ""
+            if readers and all(node.op_type == "Gather" and i == 0 for node, i in readers):
+                replaced.update(_gather_codes(readers, q, s, domain))  # a table: only the rows looked up
+            else:
+                dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [init.name], name=init.name + "_riq_dq",
+                                                 domain=domain))
             widths[np.dtype(store).name] += 1
             continue
         array = t.weights() if isinstance(t, riq_format.CodedTensor) else t.array
         inits.append(numpy_helper.from_array(np.asarray(array).astype(dtype, copy=False), init.name))
     del model.graph.initializer[:]
     model.graph.initializer.extend(inits)
-    nodes = dq_nodes + [replaced.get(id(n), n) for n in model.graph.node]  # DequantizeLinear first: still sorted
+    nodes = dq_nodes + [new for n in model.graph.node for new in replaced.get(id(n), [n])]  # DQ first: still sorted
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    if dq_nodes and not any(o.domain in ("", "ai.onnx") and o.version >= 10 for o in model.opset_import):
+    ms = any(n.domain == "com.microsoft" for n in nodes)
+    if (dq_nodes or replaced) and not any(o.domain in ("", "ai.onnx") and o.version >= 10 for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("", 13))
-    if (replaced or widths["int16"]) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+    if ms and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model, widths
 

@@ -35,8 +35,9 @@ class DistillKD(TrainingFields):
     taid_start: float = Field(0.4, ge=0, le=1, description="TAID: initial interpolation weight t")
     self_data: bool = Field(False, description="causal LMs: train on the teacher's regenerations of the training text")
     prompt_tokens: int = Field(32, ge=1, le=4096, description="self_data: tokens of each training text kept as the prompt")
-    keep_zeros: bool = Field(True, description=(
-        "weights that are exactly 0 at the start (prune.sparse) stay 0 while training (matrices at least 1% zeros)"))
+    keep_zeros: bool | None = Field(None, description=(
+        "weights that are exactly 0 at the start stay 0 while training (matrices with at least 1% zeros); default: "
+        "when prune.sparse ran earlier in the pipeline"))
 
     @model_validator(mode="after")
     def _lengths(self) -> "DistillKD":
@@ -103,7 +104,7 @@ def _text_data(teacher, tokenizer, texts: list[str], pooling: str, cfg: DistillK
 
 def apply(model: nn.Module, teacher: nn.Module, tokenizer: Any, data: Any, cfg: DistillKD | None = None, *,
           notes: dict | None = None, workdir: Path | str | None = None, progress: bool = True, pooling: str = "mean",
-          kind: str | None = None, ctx: PassContext | None = None) -> nn.Module:
+          kind: str | None = None, sparse: bool = False, ctx: PassContext | None = None) -> nn.Module:
     """Distil `teacher` into a copy of `model` (e.g. a pruned one): returns the trained copy in eval
     mode; `model` and `teacher` keep their weights (the teacher is put in eval mode).
 
@@ -114,8 +115,10 @@ def apply(model: nn.Module, teacher: nn.Module, tokenizer: Any, data: Any, cfg: 
     `DistillKD()`. notes: a dict to receive notes["distill"] (losses, steps, seconds), what the
     pipeline's report records. workdir: where checkpoints go while training (default: a temporary
     folder, removed). progress: False for no progress bar. pooling: encoders: "mean" or "cls".
-    kind: default read from the model. ctx: the pipeline's context, given by run(); leave it None."""
+    kind: default read from the model. sparse: the model was made sparse (prune.sparse): its zeros stay zeros
+    unless cfg.keep_zeros says otherwise. ctx: the pipeline's context, given by run(); leave it None."""
     cfg = cfg or DistillKD()
+    keep_zeros = sparse if cfg.keep_zeros is None else cfg.keep_zeros
     kind = bare.prepare(cfg, model, data, ctx, kind)
     student = copy.deepcopy(model)
     with bare.context(ctx, workdir, progress) as c:
@@ -125,7 +128,7 @@ def apply(model: nn.Module, teacher: nn.Module, tokenizer: Any, data: Any, cfg: 
             texts = bare.texts(data, cfg.pass_name)
             tensors, weights, what = _text_data(teacher, tokenizer, texts, pooling, cfg, student, c.console)
         taid = Taid(cfg.taid_start) if cfg.taid else None
-        zeros = KeepZeros(student) if cfg.keep_zeros else None
+        zeros = KeepZeros(student) if keep_zeros else None
         if zeros:
             c.console.print(f"    distill.kd keeps the zeros of {len(zeros.masks)} sparse weight matrices")
         stats = train(student, teacher, kind, tensors, cfg.settings(), weights, c.workdir, c.key,
@@ -138,7 +141,8 @@ def apply(model: nn.Module, teacher: nn.Module, tokenizer: Any, data: Any, cfg: 
 
 def run(state: ModelState, cfg: DistillKD, ctx: PassContext) -> ModelState:
     student = apply(state.model, state.teacher, state.tokenizer, state.data, cfg, notes=ctx.notes,
-                    pooling=state.meta.get("pooling", "mean"), kind=state.kind, ctx=ctx)
+                    pooling=state.meta.get("pooling", "mean"), kind=state.kind, sparse=bool(state.meta.get("sparse")),
+                    ctx=ctx)
     return state.with_torch(student)
 
 

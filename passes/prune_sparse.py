@@ -10,7 +10,7 @@ each layer measured with the layers before it already pruned (passes/lib/sequent
 The model keeps its architecture and its dense tensors: the zeros are the deliverable, for coders that
 compress them (export.riq: RIQ's entropy coder spends about 1 bit a weight on a 50% mask and nothing on a
 zero's value) and for runtimes with sparse kernels. onnxruntime's CPU MatMul has none, so a sparse model
-runs at the dense model's speed there (measured in README). distill.kd afterwards keeps the zeros (its
+runs at the dense model's speed there (measured in README). distill.kd later in the pipeline keeps the zeros (its
 `keep_zeros`), and quant.riq's rounding keeps them exactly 0.
 When to use: before quant.riq / export.riq for the smallest file; before distill.kd at high sparsity."""
 from __future__ import annotations
@@ -122,8 +122,8 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: PruneS
 
 
 def run(state: ModelState, cfg: PruneSparse, ctx: PassContext) -> ModelState:
-    return state.with_torch(apply(state.model, state.tokenizer, state.data, cfg, notes=ctx.notes, kind=state.kind,
-                                  ctx=ctx))
+    model = apply(state.model, state.tokenizer, state.data, cfg, notes=ctx.notes, kind=state.kind, ctx=ctx)
+    return state.with_torch(model, sparse={"method": cfg.method, "sparsity": cfg.target, "pattern": cfg.pattern})
 
 
 def _dims(config: Any, cfg: PruneSparse) -> prunable.Family:

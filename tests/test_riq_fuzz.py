@@ -579,7 +579,7 @@ def test_decode_refuses_a_graph_that_onnx_checker_refuses_when_onnxruntime_loads
 
 @pytest.mark.parametrize("weights", ["int4", "", None, "FLOAT"])
 def test_decode_refuses_weights_it_cannot_give_instead_of_decoding_float(tmp_path, weights):
-    with pytest.raises(UserError, match=r"weights must be one of float, int8 \(got "):
+    with pytest.raises(UserError, match=r"weights must be one of float, int8, packed \(got "):
         decode(_onnx_riq(tmp_path / "m.riq"), tmp_path / "out", weights=weights)
 
     assert not (tmp_path / "out").exists()
