@@ -11,7 +11,7 @@ each at most) and on wiki held-out samples, int4 decode tokens/s over 64 greedy 
 64-token prompt (medians of rounds alternating between the models), training seconds; the
 'one-shot' rows are the same prunings before training.
 
-    python benchmarks/pruning_smollm2.py [--layers 0.34] [--steps 200] [--threads 2] [--workdir DIR]
+    python benchmarks/pruning_smollm2.py [--layers 0.34] [--steps 200] [--threads 2] [--workdir DIR] [--rows "depth + kd"]
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ppl", type=int, default=100, help="lee_background paragraphs for perplexity")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--rows", default="", help="comma-separated recipe names to run (default: all): teacher, depth "
+                                                "one-shot, ffn one-shot, depth + kd, ffn + kd")
     args = ap.parse_args(argv)
 
     import torch
@@ -70,7 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(f"depth removes {removed:,} of {total:,} parameters ({removed / total:.1%}); ffn matches with params={keep}")
     settings = LatencySettings(batch=1, seq=64, threads=args.threads, warmup=1, runs=5, new_tokens=16, generate_runs=2)
     reports, seconds = {}, {}
-    for name, passes in recipes(args.layers, keep, args.steps, args.max_length).items():
+    chosen = recipes(args.layers, keep, args.steps, args.max_length)
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()] or list(chosen)
+    unknown = sorted(set(wanted) - set(chosen))
+    if unknown:
+        ap.error(f"unknown rows {unknown}: choose from {', '.join(chosen)}")
+    for name, passes in {n: p for n, p in chosen.items() if n in wanted}.items():
         out = work / name.replace(" ", "_").replace("+", "plus")
         console.rule(name)
         t0 = time.perf_counter()
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
         result[name] = row
         tps = row.get("tokens_per_s")
         table.add_row(name, f"{row['params']:,}", f"{row['mb']:.1f}", f"{row['ppl_lee']:.2f}", f"{row['ppl_wiki']:.2f}",
-                      f"{tps:.1f}" if tps else "", f"{tps / fast['teacher']['tokens_per_s']:.2f}x" if tps else "",
+                      f"{tps:.1f}" if tps else "",
+                      f"{tps / fast['teacher']['tokens_per_s']:.2f}x" if tps and "teacher" in fast else "",
                       f"{train:.0f}" if train else "")
     Console(width=170).print(table)
     return result

@@ -2,15 +2,19 @@
 so the text is real), a small real-text data file, fast latency settings."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# the input-measurement cache (compress/refcache.py) of this test session only, never the user's
-os.environ.setdefault("COMPRESS_CACHE", tempfile.mkdtemp(prefix="compress-test-cache-"))
+# the input-measurement cache (compress/refcache.py) of this test session only, never the user's; removed at exit
+if "COMPRESS_CACHE" not in os.environ:
+    os.environ["COMPRESS_CACHE"] = tempfile.mkdtemp(prefix="compress-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["COMPRESS_CACHE"], True)
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 

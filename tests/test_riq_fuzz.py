@@ -42,9 +42,10 @@ def _sample() -> bytes:
                RawTensor("bias", rng.normal(size=16).astype(np.float32)),
                RawTensor("ids", np.arange(6, dtype=np.int64).reshape(2, 3)),
                RawTensor("flag", np.array(True))]
-    path = Path(tempfile.mkdtemp(prefix="riq-fuzz-")) / "sample.riq"
-    riq.write(path, tensors, {"kind": b"state_dict", "notes": bytes(range(256)) * 2})
-    return path.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="riq-fuzz-") as tmp:  # the bytes are kept, not the file
+        path = Path(tmp) / "sample.riq"
+        riq.write(path, tensors, {"kind": b"state_dict", "notes": bytes(range(256)) * 2})
+        return path.read_bytes()
 
 
 def _read(data: bytes) -> None:

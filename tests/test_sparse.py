@@ -134,3 +134,22 @@ def test_refusals_name_the_fix(tiny_bert, tiny_mixtral, text_file, tmp_path, fas
                                                                      **fast)
     with pytest.raises((ConfigError, UserError), match="prune.sparse supports"):
         Pipeline([{"pass": "prune.sparse", "method": "magnitude"}]).run(str(tiny_mixtral), None, tmp_path / "c", **fast)
+
+
+def test_bare_distill_keeps_zeros_only_when_asked(tiny_bert):
+    """Outside the pipeline nothing says the model was made sparse: keep_zeros=None trains every weight (a
+    GGUF-dequantized model has exact zeros of its own), keep_zeros=True (or sparse=True) keeps them."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from compress.data import lee_background
+    from compress.passes import distill_kd, prune_sparse
+
+    teacher, tok = AutoModel.from_pretrained(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert)
+    sparse_model = prune_sparse.apply(teacher, cfg=prune_sparse.PruneSparse(method="magnitude"), progress=False)
+    texts = lee_background()[:8]
+    name = "encoder.layer.0.intermediate.dense.weight"
+    zeros = dict(sparse_model.named_parameters())[name] == 0
+    for keep, stays in ((None, False), (True, True)):
+        cfg = distill_kd.DistillKD(steps=2, batch_size=4, lr=1e-2, max_length=32, keep_zeros=keep)
+        student = distill_kd.apply(sparse_model, teacher, tok, texts, cfg, progress=False)
+        assert bool((dict(student.named_parameters())[name][zeros] == 0).all()) is stays, keep
