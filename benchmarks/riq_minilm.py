@@ -37,6 +37,17 @@ def zstd_bytes(path: Path, level: int = 19) -> int:
     return len(zstandard.ZstdCompressor(level=level).compress(path.read_bytes()))
 
 
+def _folder(name: str) -> str:
+    """A row's run folder under --workdir ('sparse 2:4' -> 'sparse_2of4')."""
+    return name.replace(" ", "_").replace(":", "of")
+
+
+def _file_info(q: dict, e: dict) -> dict:
+    """What the summary lines print of a quant.riq stage and its export.riq stage."""
+    return {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
+            "evaluations": q["riq"]["evaluations"]}
+
+
 def _stage(result, name: str) -> dict:
     return next(s for s in result.report["stages"] if s["name"] == name)
 
@@ -73,8 +84,7 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
     results = {}
     for name, passes in runs.items():
         console.rule(f"{name}: {' -> '.join(p if isinstance(p, str) else p['pass'] for p in passes)}")
-        results[name] = Pipeline(passes).run("minilm", outdir=work / name.replace(" ", "_").replace(":", "of"),
-                                             console=console)
+        results[name] = Pipeline(passes).run("minilm", outdir=work / _folder(name), console=console)
 
     fp32 = _stage(results["riq"], "export.onnx")
     fp32_path = work / "riq" / "stages" / "01-export.onnx" / "model.onnx"
@@ -87,24 +97,22 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
                          stage["bytes"], dense, dense, work / name / "model.onnx"))
     files = {}
     for name in [n for n in ("riq", "pruned riq") if n in results and not args.only_torch]:
-        res, folder = results[name], work / name.replace(" ", "_")
+        res, folder = results[name], work / _folder(name)
         q, e = _stage(res, "quant.riq"), _stage(res, "export.riq")
         params = e["riq_file"]["params"]
         rows.append(_row(f"{name} .riq (D={args.deviation})", q, e["riq_file"]["bytes"], params, dense, None))
         rows.append(_row(f"{name} decoded int8-weight ONNX", e, (folder / "model.onnx").stat().st_size, params, dense,
                          folder / "model.onnx"))
         rows.append(_packed_row(name, folder, work, params, dense))
-        files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
-                       "evaluations": q["riq"]["evaluations"], "float_onnx": folder / "stages" / "02-quant.riq" / "model.onnx"
+        files[name] = {**_file_info(q, e), "float_onnx": folder / "stages" / "02-quant.riq" / "model.onnx"
                        if name == "riq" else None}
     for name in [n for n in results if n.startswith("riq torch")]:
         q, e = _stage(results[name], "quant.riq"), _stage(results[name], "export.riq")
         rows.append(_row(f"{name} .riq (D={args.deviation})", q, e["riq_file"]["bytes"], e["riq_file"]["params"],
                          dense, None))
-        files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
-                       "evaluations": q["riq"]["evaluations"]}
+        files[name] = _file_info(q, e)
     for name in [n for n in results if n.startswith("sparse ")]:
-        res, folder = results[name], work / name.replace(" ", "_").replace(":", "of")
+        res, folder = results[name], work / _folder(name)
         q, e = _stage(res, "quant.riq"), _stage(res, "export.riq")
         row = _row(f"{name} + kd {args.sparse_kd} + riq gptq .riq (D={args.deviation})", q, e["riq_file"]["bytes"],
                    e["riq_file"]["params"], dense, None)
@@ -112,8 +120,7 @@ def run_all(args, work: Path, console) -> tuple[list[dict], dict]:
         row["sparse_cosine"] = (before.get("fidelity") or {}).get("cosine")
         row["cosine_vs_sparse"] = _cosine_vs_input(folder)
         rows.append(row)
-        files[name] = {**e["riq_file"], "k": q["riq"]["k"], "search_s": q["riq"]["search_seconds"],
-                       "evaluations": q["riq"]["evaluations"], "zeros": _stage(res, "prune.sparse")["sparse"]["zeros_of_model"]}
+        files[name] = {**_file_info(q, e), "zeros": _stage(res, "prune.sparse")["sparse"]["zeros_of_model"]}
     return rows, files
 
 
@@ -124,14 +131,14 @@ def _packed_row(name: str, folder: Path, work: Path, params: int, dense: int) ->
     from compress.exporters.riq_export import decode
     from compress.runtime import OnnxRunner, TorchRunner
 
-    out = work / f"{name.replace(' ', '_')}_packed"
+    out = work / f"{_folder(name)}_packed"
     info = decode(folder / "model.riq", out, "packed", overwrite=True)
     teacher, tok, _ = models.load_hf(models.alias_path("minilm"))
     cos = evaluate.fidelity("encoder", OnnxRunner(out / "model.onnx", "encoder"), TorchRunner(teacher, "encoder"), tok,
                             data.load("wiki").eval, 128)["cosine"]
     widths = ", ".join(f"{n} {w}" for w, n in info["widths"].items() if n)
-    return {**_row(f"{name} decoded packed ONNX ({widths})", {"fidelity": {"cosine": cos}},
-                   (out / "model.onnx").stat().st_size, params, dense, out / "model.onnx")}
+    return _row(f"{name} decoded packed ONNX ({widths})", {"fidelity": {"cosine": cos}}, (out / "model.onnx").stat().st_size,
+                params, dense, out / "model.onnx")
 
 
 def _index(result, name: str) -> int:
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-riq-"))
     for sub in ("riq", "int8", "int4", "pruned_riq", *(f"riq_torch_{r}" for r in args.torch_rounding),
-                *(f"sparse_{s.replace(':', 'of')}" for s in args.sparse)):
+                *(_folder(f"sparse {s}") for s in args.sparse)):
         shutil.rmtree(work / sub, ignore_errors=True)
     console = Console(stderr=True)
     rows, files = run_all(args, work, console)

@@ -315,9 +315,8 @@ def decode(
 ) -> None:
     """Rebuild a runnable model (ONNX file, or transformers folder) from a .riq file, bit-exact."""
     from compress.errors import UserError
-    from compress.exporters.riq_export import decode as decode_riq
-
     from compress.exporters.riq_export import WEIGHTS
+    from compress.exporters.riq_export import decode as decode_riq
 
     if weights not in WEIGHTS:
         raise UserError(f"--weights must be one of {', '.join(WEIGHTS)} (got {weights!r})")

@@ -124,6 +124,11 @@ def _consumers(graph) -> dict[str, list[tuple]]:
     return out
 
 
+def _read_only_as(readers: list[tuple], op_type: str, index: int) -> bool:
+    """An initializer with readers, every one of them `op_type` taking it as input `index`."""
+    return bool(readers) and all(node.op_type == op_type and i == index for node, i in readers)
+
+
 def _nbits4(t, uses: list[tuple]) -> tuple[list, dict]:
     """A (K, N) coded weight read only as MatMul's B: 4-bit MatMulNBits codes (code + 8, MatMulNBits' default
     zero point) with the tensor's bin width as every block's scale; its initializers and, by MatMul node, the
@@ -174,8 +179,7 @@ def _fill_graph(graph_bytes: bytes, tensors: list, weights: str):
         t, dtype = by_name[init.name]
         width = _width(t, weights)
         readers = uses.get(init.name, [])
-        if width == "int4" and len(t.shape) == 2 and readers and all(
-                node.op_type == "MatMul" and i == 1 for node, i in readers):
+        if width == "int4" and len(t.shape) == 2 and _read_only_as(readers, "MatMul", 1):
             more, nodes = _nbits4(t, readers)
             inits += more
             replaced.update(nodes)
@@ -187,7 +191,7 @@ def _fill_graph(graph_bytes: bytes, tensors: list, weights: str):
             inits += [numpy_helper.from_array(t.codes.astype(store), q),
                       numpy_helper.from_array(np.array(t.delta, dtype=np.float32), s)]
             domain = "com.microsoft" if store == np.int16 else ""
-            if readers and all(node.op_type == "Gather" and i == 0 for node, i in readers):
+            if _read_only_as(readers, "Gather", 0):
                 replaced.update(_gather_codes(readers, q, s, domain))  # a table: only the rows looked up
             else:
                 dq_nodes.append(helper.make_node("DequantizeLinear", [q, s], [init.name], name=init.name + "_riq_dq",

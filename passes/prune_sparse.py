@@ -93,10 +93,11 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: PruneS
     pruned = copy.deepcopy(model).float().eval()
     layers: dict[str, dict] = {}
     windows = None
+    linears = _linears(pruned)
     with bare.context(ctx, None, progress) as c:
         if cfg.method == "magnitude":
             with torch.no_grad():
-                for name, lin in _linears(pruned).items():
+                for name, lin in linears.items():
                     _prune_layer(name, lin, None, cfg, layers)
         else:
             windows = sequential.calibration_windows(tokenizer, bare.texts(data, cfg.pass_name), cfg.samples,
@@ -111,7 +112,7 @@ def apply(model: nn.Module, tokenizer: Any = None, data: Any = None, cfg: PruneS
                                                             description=f"prune.sparse {cfg.method}: {label}"))
         zeros = sum(float((p == 0).sum()) for p in pruned.parameters())
         total = sum(p.numel() for p in pruned.parameters())
-        in_layers = sum(lin.weight.numel() for lin in _linears(pruned).values())
+        in_layers = sum(lin.weight.numel() for lin in linears.values())
         c.console.print(f"prune.sparse: {cfg.method} {cfg.pattern or f'{cfg.sparsity:.0%}'} of {len(layers)} Linear "
                         f"layers ({in_layers:,} weights); {zeros / total:.1%} of all parameters are now 0")
     if notes is not None:

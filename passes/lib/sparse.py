@@ -17,8 +17,6 @@ import torch
 
 from compress.passes.lib.gptq import Factored, factor
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-
 
 def _lowest(score: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mask of the `fraction` lowest scores of each row of `score` (ties broken by position)."""
@@ -105,4 +103,4 @@ def parse_nm(text: str | None) -> tuple[int, int] | None:
     return pair
 
 
-__all__ = ["METHODS", "mask", "parse_nm", "sparsegpt"]
+__all__ = ["mask", "parse_nm", "sparsegpt"]

@@ -65,8 +65,8 @@ class KeepZeros(Callbacks):
     with at least `min_fraction` zeros are tracked (a dense model has none)."""
 
     def __init__(self, model: torch.nn.Module, min_fraction: float = 0.01):
-        self.masks = {name: p.detach() == 0 for name, p in model.named_parameters()
-                      if p.dim() > 1 and float((p.detach() == 0).float().mean()) >= min_fraction}
+        zeros = {name: p.detach() == 0 for name, p in model.named_parameters() if p.dim() > 1}
+        self.masks = {name: z for name, z in zeros.items() if float(z.float().mean()) >= min_fraction}
 
     def __bool__(self) -> bool:
         return bool(self.masks)
