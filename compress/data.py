@@ -1,11 +1,12 @@
 """Text data for calibration, training and held-out evaluation.
 
 Sources: a user file (one sample per line, or JSONL with a text field) or a built-in real corpus
-shipped inside the `gensim` wheel (no download):
+shipped inside installed wheels (no download):
   - `wiki`: paragraphs of the shortened English Wikipedia dump (default),
   - `lee`: the 300 news paragraphs of lee_background.cor,
   - `mix`: every English prose corpus of gensim's test data that no metric evaluates on
     (`mix_sources()` says which files, and why the others are left out), interleaved.
+  - `wide`: `mix` plus the docstring prose of installed scientific packages (compress/corpora.py).
 Samples are de-duplicated, then split by a seeded shuffle into a train/calibration part and a
 held-out evaluation part, so the two never share a sample (`mix`: within each of its sources, so
 both parts hold every source).
@@ -37,6 +38,7 @@ BUILTIN = {
     "lee": "the 300 news paragraphs of gensim's lee_background.cor",
     "mix": "every English prose corpus in gensim's test data that is no evaluation set (Wikipedia, Usenet "
            "posts, encyclopedia articles, movie reviews), interleaved; held out within each source",
+    "wide": "mix and the docstring prose of numpy, scipy, scikit-learn, matplotlib, networkx, gensim, interleaved",
 }
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKI_TABLES_FILE = "enwiki-table-markup.xml.bz2"
@@ -485,6 +487,9 @@ def load(spec: str | Path | None = None, max_eval: int = 128, seed: int = 0) -> 
     spec = "wiki" if spec is None else spec
     if isinstance(spec, str) and spec == "mix":
         return split_sources(mix_sources(), source="builtin:mix", max_eval=max_eval, seed=seed)
+    if isinstance(spec, str) and spec == "wide":
+        from compress.corpora import load_wide
+        return load_wide(max_eval=max_eval, seed=seed)
     if isinstance(spec, str) and spec in BUILTIN:
         texts = list(wiki_paragraphs()) if spec == "wiki" else lee_background()
         return split(texts, source=f"builtin:{spec}", max_eval=max_eval, seed=seed)

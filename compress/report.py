@@ -121,7 +121,9 @@ def _title_lines(report: dict) -> list[str]:
     unseen = report.get("unseen_domain") or {}
     if unseen:
         lines.append(f"- **Unseen domain** (\"{UNSEEN}\" columns): fidelity on {fmt(unseen.get('samples'), 'd')} "
-                     f"samples of {unseen.get('source', '?')}, a domain no built-in training corpus holds")
+                     f"samples of {unseen.get('source', '?')}, a domain no built-in training corpus holds"
+                     + (" (though `wide`'s docstrings are technical documentation too: a near domain, no shared "
+                        "passage)" if "docstrings" in (data.get("sources") or {}) else ""))
     lat = (report.get("settings") or {}).get("latency") or {}
     if lat:
         shape = (f"images of {'x'.join(str(d) for d in data['shape'][1:])}" if data.get("shape")

@@ -43,7 +43,7 @@ def test_data_jsonl_without_text_field_names_the_line(tmp_path):
 
 
 def test_data_unknown_builtin_lists_the_known_ones():
-    with pytest.raises(DataError, match=r"unknown data 'wikipedia'.*\['lee', 'mix', 'wiki'\]"):
+    with pytest.raises(DataError, match=r"unknown data 'wikipedia'.*\['lee', 'mix', 'wide', 'wiki'\]"):
         data.load("wikipedia")
 
 
@@ -123,7 +123,7 @@ def test_data_refuses_a_pipe_or_a_device_without_reading_it(tmp_path, no_hang, k
 
 @pytest.mark.parametrize("spec", [5, 3.5, ["a", "b"], b"news.txt"])
 def test_data_names_the_type_when_the_spec_is_not_a_path(spec):
-    with pytest.raises(DataError, match=f"data must be a file path \\(str or Path\\) or one of \\['lee', 'mix', 'wiki'\\]; "
+    with pytest.raises(DataError, match=f"data must be a file path \\(str or Path\\) or one of \\['lee', 'mix', 'wide', 'wiki'\\]; "
                                         f"got {type(spec).__name__}"):
         data.load(spec)
 

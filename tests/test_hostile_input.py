@@ -311,7 +311,7 @@ def test_validate_refuses_a_recipe_that_is_a_pipe_without_reading_it(tmp_path):
 @pytest.mark.parametrize("model, data, message", [
     (12345, None, "a model must be a path (str or Path), a built-in alias (efficientnet-lite0, minilm, smollm2) or, "
                   "in Python, a torch.nn.Module; got int"),
-    (None, 5, "data must be a file path (str or Path) or one of ['lee', 'mix', 'wiki']; got int"),
+    (None, 5, "data must be a file path (str or Path) or one of ['lee', 'mix', 'wide', 'wiki']; got int"),
 ])
 def test_pipeline_names_the_type_when_model_or_data_is_not_a_path(model, data, message, tiny_bert, tmp_path):
     from compress import Pipeline, UserError

@@ -165,7 +165,7 @@ def test_run_refuses_a_stale_partial_folder_it_did_not_write(tiny_bert, tmp_path
 
 def test_run_interrupted_exits_130_and_says_resume_continues(tiny_bert, text_file, tmp_path):
     args = ["run", str(tiny_bert), "--data", str(text_file), "--no-tasks", "--max-length", "32",
-            "--pass", "prune.homodistil:steps=400,batch_size=4,max_length=32,checkpoint_every=5", "-o", str(tmp_path / "o")]
+            "--pass", "prune.homodistil:steps=5000,batch_size=4,max_length=32,checkpoint_every=5", "-o", str(tmp_path / "o")]
     stage = tmp_path / ".o.partial" / "stages" / "01-prune.homodistil" / "key.txt"
     proc = subprocess.Popen([sys.executable, "-m", "compress.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})

@@ -9,16 +9,8 @@ import pytest
 from rich.console import Console
 
 from compress import Pipeline, data, evaluate
+from compress.corpora import shingles
 from compress.data import UNSEEN_SAMPLES
-
-
-def _shingles(texts, n: int = 8) -> set[str]:
-    """Every run of n words (lower-cased) of `texts`: two texts that share one share a passage."""
-    out: set[str] = set()
-    for text in texts:
-        words = text.lower().split()
-        out.update(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +20,7 @@ def mix():
 
 @pytest.fixture(scope="module")
 def mix_shingles():
-    return _shingles(t for texts in data.mix_sources().values() for t in texts)
+    return shingles(t for texts in data.mix_sources().values() for t in texts)
 
 
 def test_mix_holds_every_source_in_train_and_eval(mix):
@@ -74,14 +66,14 @@ def test_mix_holds_nothing_of_the_evaluation_sets(mix_shingles):
     lee50_docs, polarity_texts = evaluate.lee50_data()[0], evaluate.polarity_data()[0]
 
     for held in (data.lee_background(), lee50_docs, polarity_texts):
-        assert not _shingles(held) & mix_shingles
+        assert not shingles(held) & mix_shingles
 
 
 def test_unseen_domain_shares_no_passage_with_any_training_corpus(mix_shingles):
-    unseen = _shingles(data.unseen_domain())
+    unseen = shingles(data.unseen_domain())
 
     assert unseen and not unseen & mix_shingles  # mix holds all of wiki, so wiki neither
-    assert not unseen & _shingles(data.lee_background())
+    assert not unseen & shingles(data.lee_background())
 
 
 def test_unseen_domain_is_technical_prose_without_code():
