@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-INT4 = {"pass": "quant.int4", "block_size": 32}
+sys.path.insert(0, str(Path(__file__).parent))
+
+from pruning_smollm2 import INT4, perplexity_texts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,9 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, src in (("teacher_int4", "smollm2"), ("student_int4", str(args.out / "student"))):
         Pipeline(["export.onnx", INT4]).run(src, "mix", args.out / name, tasks=False, measure="off")
 
-    lee = data.lee_background()[: args.ppl]
-    mix_train = set(data.load("mix").train)
-    wiki = [t for t in data.load("wiki").eval if t not in mix_train]
+    lee, wiki = perplexity_texts(args.ppl)
     graphs = {"teacher int4": args.out / "teacher_int4/model.onnx", "previous int4": args.previous,
               "student int4": args.out / "student_int4/model.onnx"}
     result: dict = {"train_s": round(train_s, 1), "distill": notes["distill"], "wiki_samples": len(wiki)}

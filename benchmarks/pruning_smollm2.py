@@ -37,6 +37,16 @@ def recipes(layers: float, keep: float, steps: int, max_length: int) -> dict[str
             "ffn + kd": [ffn, kd, "export.onnx", INT4]}
 
 
+def perplexity_texts(lee_paragraphs: int) -> tuple[list[str], list[str]]:
+    """The texts perplexity is measured on: the first `lee_paragraphs` lee_background paragraphs, and
+    the wiki held-out samples that `mix` (the students' training corpus) does not train on: the two
+    corpora are split apart, and 28 of wiki's 128 held-out texts are in mix's training part."""
+    from compress import data
+
+    mix_train = set(data.load("mix").train)
+    return data.lee_background()[:lee_paragraphs], [t for t in data.load("wiki").eval if t not in mix_train]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=float, default=0.34, help="fraction of the 30 layers removed (0.34: 10)")
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from compress import Pipeline, data, models
+    from compress import Pipeline, models
     from compress.passes.lib import depth, prunable
     from compress.profiling import LatencySettings
     from smollm2_edge import speed
@@ -88,9 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from compress import evaluate, runtime
 
-    lee = data.lee_background()[: args.ppl]
-    mix_train = set(data.load("mix").train)  # `wiki` and `mix` are split apart: 28 of wiki's 128 held-out texts train in mix
-    wiki = [t for t in data.load("wiki").eval if t not in mix_train]
+    lee, wiki = perplexity_texts(args.ppl)
     paths = {name: rep["_dir"] / "model.onnx" for name, rep in reports.items()}
     ids = tok(" ".join(wiki[:4]), return_tensors="np")["input_ids"][:, :64]
     fast = speed({k: v for k, v in paths.items() if "one-shot" not in k}, ids, args.threads, 64, args.rounds)
